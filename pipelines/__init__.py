@@ -1,0 +1,5 @@
+"""diffusers pipelines of sadm (installed as `sadm.pipelines`). Inference only: nothing here imports training code."""
+
+from .pipeline_sadm_dit import SADMDiTPipeline
+
+__all__ = ["SADMDiTPipeline"]

@@ -1,0 +1,408 @@
+"""Every image source -> (image tensor in [-1, 1], class label or none).
+
+Three ways in, one dataset class out:
+- `--dataset_name`: a 🤗 datasets dataset (hub name, a `save_to_disk` folder, or anything `load_dataset` reads);
+- `--train_data_dir`: an image folder with class subfolders, or with a `metadata.csv` / `metadata.jsonl` naming files and labels;
+- neither: the embedded default, scikit-learn's `load_digits()` (1797 real 8x8 handwritten digits, 10 classes), written once
+  as an image folder into a cache directory and then read through the same image-folder path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+# PIL modes that carry a single intensity channel; everything else is read as RGB.
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def default_cache_dir() -> Path:
+    """`$SADM_CACHE` or `~/.cache/sadm`: where the embedded dataset and the digit classifier are written once."""
+    return Path(os.environ.get("SADM_CACHE", Path.home() / ".cache" / "sadm"))
+
+
+def digits_to_uint8(images: np.ndarray) -> np.ndarray:
+    """scikit-learn digits have 17 grey levels (0..16); map them to uint8 the one way every part of sadm uses."""
+    return np.round(images * 255.0 / 16.0).astype(np.uint8)
+
+
+def digits_image_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write scikit-learn's digits once as `<cache>/digits/<label>/<index>.png` (8x8, mode "L") and return the folder.
+
+    Written to a temporary folder and renamed into place, so an interrupted first run never leaves a half-written dataset.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / "digits"
+    if (folder / "DONE").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"digits.tmp-{os.getpid()}"
+    digits = load_digits()
+    pixels = digits_to_uint8(digits.images)
+    for index, (image, label) in enumerate(zip(pixels, digits.target)):
+        label_dir = tmp / str(int(label))
+        label_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(label_dir / f"{index:04d}.png")
+    (tmp / "DONE").write_text("scikit-learn load_digits, 1797 images, 8x8, labels 0-9\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        if not (folder / "DONE").exists():
+            raise
+    return folder
+
+
+def _label_table(raw_labels: list) -> tuple[list[int], dict[int, str]]:
+    """Map raw labels (ints or names) to ids 0..K-1. Integer labels keep their value; names are sorted."""
+    if all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw_labels):
+        ints = [int(v) for v in raw_labels]
+        if min(ints) < 0:
+            raise ValueError(f"Label {min(ints)} is out of range: integer labels must be >= 0.")
+        num_classes = max(ints) + 1
+        return ints, {i: str(i) for i in range(num_classes)}
+    names = sorted({str(v) for v in raw_labels})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[str(v)] for v in raw_labels], dict(enumerate(names))
+
+
+def _read_metadata(folder: Path, label_column: str | None) -> tuple[list[Path], list | None]:
+    """Files and raw labels from `metadata.csv` or `metadata.jsonl` (column `file_name`, as 🤗 imagefolder uses)."""
+    csv_path, jsonl_path = folder / "metadata.csv", folder / "metadata.jsonl"
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            rows, source = list(csv.DictReader(f)), csv_path
+    else:
+        with open(jsonl_path) as f:
+            rows, source = [json.loads(line) for line in f if line.strip()], jsonl_path
+    if not rows:
+        raise ValueError(f"{source} has no rows.")
+    columns = list(rows[0].keys())
+    if "file_name" not in columns:
+        raise ValueError(f"{source} needs a `file_name` column; it has {columns}.")
+    files = [folder / row["file_name"] for row in rows]
+    if label_column is None or (label_column == "label" and label_column not in columns):
+        return files, None
+    if label_column not in columns:
+        raise ValueError(f"--label_column '{label_column}' is not a column of {source}; columns are {columns}.")
+    labels = []
+    for line, row in enumerate(rows, start=2 if source == csv_path else 1):
+        value = row.get(label_column)
+        if value is None or value == "":
+            raise ValueError(f"{source}, row {line} ({row['file_name']}): missing value in label column '{label_column}'.")
+        labels.append(value)
+    return files, labels
+
+
+def scan_image_folder(folder: str | os.PathLike, label_column: str | None = "label") -> tuple[list[Path], list[int] | None, dict[int, str] | None]:
+    """Files, label ids and `id2label` of an image folder.
+
+    Layouts: `metadata.csv`/`metadata.jsonl` with a `file_name` column (labels from `label_column`), or class subfolders
+    (`folder/<class name>/<image>`), or a flat folder of images (unlabeled).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {folder} does not exist or is not a folder.")
+    if any((folder / name).exists() for name in METADATA_FILES):
+        files, raw = _read_metadata(folder, label_column)
+    else:
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if subdirs:
+            files, raw = [], []
+            for sub in subdirs:
+                for path in sorted(sub.rglob("*")):
+                    if path.suffix.lower() in IMAGE_EXTENSIONS:
+                        files.append(path)
+                        raw.append(sub.name)
+            if label_column is None:
+                raw = None
+        else:
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            raw = None
+    if not files:
+        raise ValueError(f"--train_data_dir {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"Files named in the metadata of {folder} do not exist: {missing[:5]}")
+    if raw is None:
+        return files, None, None
+    labels, id2label = _label_table(raw)
+    return files, labels, id2label
+
+
+def check_images_readable(paths: list[Path]) -> None:
+    """Open every image header once, before training starts, so a bad file is named up front."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"Cannot read image {path}: {error}") from error
+
+
+def image_channels(image: Image.Image) -> int:
+    return 1 if image.mode in GRAYSCALE_MODES else 3
+
+
+def to_mode(image: Image.Image, num_channels: int) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to "L" or "RGB"."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float greyscale: rescale to 8 bit instead of clipping at 255
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P" or image.mode == "LA" or image.mode == "RGBA":
+        image = image.convert("RGBA").convert("RGB") if num_channels == 3 else image.convert("L")
+    target = "L" if num_channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+class ImageLabelDataset(Dataset):
+    """Images (any source) with optional integer labels, transformed to `[C, H, W]` float tensors in [-1, 1].
+
+    Items are `{"pixel_values": Tensor[C, H, W], "class_labels": LongTensor[]}`; the label key only when the data is labeled.
+    """
+
+    def __init__(
+        self,
+        load_image: Callable[[int], Image.Image],
+        num_items: int,
+        labels: list[int] | None,
+        id2label: dict[int, str] | None,
+        num_channels: int,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        describe: Callable[[int], str] = str,
+    ):
+        self.load_image = load_image
+        self.num_items = num_items
+        self.labels = labels
+        self.id2label = id2label
+        self.num_classes = len(id2label) if id2label else 0
+        self.num_channels = num_channels
+        self.resolution = resolution
+        self.describe = describe
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.augment_seed = 0
+        self.resize = transforms.Resize(resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        self.normalize = transforms.Normalize([0.5] * num_channels, [0.5] * num_channels)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        """`key` is an index, or `epoch * len(self) + index` as `EpochShuffleSampler` yields it.
+
+        Random crops and flips draw from a generator seeded by (augment_seed, key), never from the global RNG, so the
+        augmentation of every sample is fixed by the epoch and index: a resumed run sees the same images, with any
+        number of workers.
+        """
+        index = key % self.num_items
+        try:
+            image = to_mode(self.load_image(index), self.num_channels)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Cannot read image {self.describe(index)}: {error}") from error
+        generator = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + key)
+        image = self.resize(image)
+        width, height = image.size
+        if self.center_crop:
+            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
+        elif (width, height) != (self.resolution, self.resolution):
+            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
+            image = transforms.functional.crop(image, top, left, self.resolution, self.resolution)
+        pixel_values = self.normalize(transforms.functional.to_tensor(image))  # [C, H, W] in [-1, 1]
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
+            pixel_values = pixel_values.flip(-1)
+        item = {"pixel_values": pixel_values}
+        if self.labels is not None:
+            item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
+        return item
+
+
+def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+    pixel_values = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
+    labels = torch.stack([e["class_labels"] for e in examples]) if "class_labels" in examples[0] else None
+    return {"pixel_values": pixel_values, "class_labels": labels}
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
+def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None):
+    import datasets
+
+    if os.path.isdir(dataset_name) and any(
+        os.path.exists(os.path.join(dataset_name, name)) for name in ("dataset_dict.json", "state.json", "dataset_info.json")
+    ):
+        try:
+            data = datasets.load_from_disk(dataset_name)
+        except FileNotFoundError:
+            data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    else:
+        data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"--dataset_name {dataset_name} has no 'train' split; splits are {list(data.keys())}.")
+        data = data["train"]
+    return data
+
+
+def load_train_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    resolution: int = 16,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    max_train_samples: int | None = None,
+    num_channels: int | None = None,
+    cache_dir: str | None = None,
+    unconditional: bool = False,
+) -> ImageLabelDataset:
+    """Build the training set from whichever source is given (see the module docstring).
+
+    Args:
+        label_column (`str`, *optional*): the label column of a 🤗 dataset or metadata file. The default "label" is used when
+            present and otherwise the data is unlabeled; any other name must exist.
+        num_channels (`int`, *optional*): 1 or 3; by default taken from the first image.
+        unconditional (`bool`): ignore labels even when the data has them.
+    """
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
+    if resolution < 1:
+        raise ValueError(f"--resolution must be positive, got {resolution}.")
+    if num_channels not in (None, 1, 3):
+        raise ValueError(f"--num_channels must be 1 or 3, got {num_channels}.")
+    if unconditional:
+        label_column = None
+
+    if dataset_name is not None:
+        data = _hf_dataset(dataset_name, dataset_config_name, cache_dir)
+        if image_column not in data.column_names:
+            raise ValueError(f"--image_column '{image_column}' is not a column of {dataset_name}; columns are {data.column_names}.")
+        labels, id2label = None, None
+        if label_column is not None and (label_column in data.column_names or label_column != "label"):
+            if label_column not in data.column_names:
+                raise ValueError(
+                    f"--label_column '{label_column}' is not a column of {dataset_name}; columns are {data.column_names}."
+                )
+            raw = data[label_column]
+            missing = [i for i, v in enumerate(raw) if v is None]
+            if missing:
+                raise ValueError(f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}'.")
+            feature = data.features[label_column]
+            if hasattr(feature, "names"):  # datasets.ClassLabel
+                labels, id2label = [int(v) for v in raw], dict(enumerate(feature.names))
+                bad = [v for v in labels if not 0 <= v < len(feature.names)]
+                if bad:
+                    raise ValueError(f"Label {bad[0]} in '{label_column}' is out of range for {len(feature.names)} classes.")
+            else:
+                labels, id2label = _label_table(list(raw))
+        if max_train_samples is not None:
+            data = data.select(range(min(max_train_samples, len(data))))
+            labels = labels[: len(data)] if labels is not None else None
+        images = data.with_format(None)
+
+        def load_image(index: int) -> Image.Image:
+            image = images[index][image_column]
+            return image if isinstance(image, Image.Image) else Image.open(image["path"] if isinstance(image, dict) else image)
+
+        describe = lambda index: f"{dataset_name}[{index}]"  # noqa: E731
+        num_items = len(data)
+    else:
+        folder = Path(train_data_dir) if train_data_dir is not None else digits_image_folder(cache_dir)
+        files, labels, id2label = scan_image_folder(folder, label_column)
+        if max_train_samples is not None:
+            files = files[:max_train_samples]
+            labels = labels[:max_train_samples] if labels is not None else None
+        check_images_readable(files)
+
+        def load_image(index: int) -> Image.Image:
+            return _open(files[index])
+
+        describe = lambda index: str(files[index])  # noqa: E731
+        num_items = len(files)
+
+    if num_items == 0:
+        raise ValueError("The training set is empty (check --max_train_samples and the data source).")
+    first = load_image(0)
+    if num_channels is None:
+        num_channels = image_channels(first)
+    if min(first.size) < resolution and train_data_dir is None and dataset_name is None:
+        pass  # the embedded digits are 8x8 by design and upscaled to --resolution
+    elif min(first.size) < resolution:
+        warnings.warn(
+            f"Images are smaller than --resolution {resolution} (first one is {first.size[0]}x{first.size[1]}); they are upscaled.",
+            stacklevel=2,
+        )
+    return ImageLabelDataset(
+        load_image, num_items, labels, id2label, num_channels, resolution, center_crop, random_flip, describe
+    )
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags shared by every script, named as in diffusers' training examples."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", type=str, default=None, help="A 🤗 datasets name or a local dataset folder.")
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config name.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="An image folder (class subfolders, or metadata.csv/metadata.jsonl). Neither this nor --dataset_name: the digits default.",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
+    group.add_argument(
+        "--label_column", type=str, default="label", help="Label column; the default 'label' is optional, other names must exist."
+    )
+    group.add_argument("--unconditional", action="store_true", help="Ignore labels and train an unconditional model.")
+    group.add_argument("--resolution", type=int, default=16, help="Training resolution (images are resized and cropped to it).")
+    group.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training samples.")
+    group.add_argument("--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3).")
+    group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    group.add_argument("--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder.")
+
+
+def load_train_dataset_from_args(args: argparse.Namespace) -> ImageLabelDataset:
+    return load_train_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        max_train_samples=args.max_train_samples,
+        num_channels=args.num_channels,
+        cache_dir=args.data_cache_dir,
+        unconditional=args.unconditional,
+    )

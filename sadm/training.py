@@ -1,0 +1,345 @@
+"""What both training scripts share: flags, the output-folder and checkpoint rules, save/load hooks, EMA, grids, export.
+
+The scripts keep the loop and the method logic visible; this module only holds plumbing that must behave identically
+in both (and is tested once): never overwrite an output folder by accident, write checkpoints and exports atomically,
+never save non-finite weights, restore every piece of state on resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from PIL import Image
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAIN_STATE_NAME = "train_state.json"
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training script has, named as in diffusers' training examples."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str, required=True, help="Where the exported pipeline and checkpoints go.")
+    g.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty --output_dir that is not resumed."
+    )
+    g.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and timesteps.")
+    g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per process.")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs when --max_train_steps is not given.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate (DiT: 1e-4).")
+    g.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="diffusers' get_scheduler name.",
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses AdamW without weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights for validation and export.")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay cap (DiT: 0.9999).")
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step/inv_gamma)^-power.")
+    g.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints (oldest pruned).")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument("--max_bad_steps", type=int, default=20, help="Stop after N consecutive non-finite steps.")
+    g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    g.add_argument("--ddp_timeout", type=int, default=7200, help="Process-group timeout (s), long enough for evaluation.")
+
+
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """Refuse a non-empty --output_dir unless resuming or explicitly overwriting, before any work is done."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()) and resume is None and not overwrite:
+        raise ValueError(
+            f"--output_dir {path} is not empty. Pass --resume_from_checkpoint latest to continue that run, "
+            "--overwrite_output_dir to write into it anyway, or choose another folder."
+        )
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """An Accelerator with the project/logging folders, a long process-group timeout and a guard against silent DDP-less runs."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+    )
+    check_distributed(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def check_distributed(accelerator: Accelerator) -> None:
+    """Several processes started without a distributed backend train unrelated copies silently: stop instead."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} processes were started but accelerate sees a single process ({accelerator.distributed_type}). "
+            "On CPUs use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
+        )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError("Several processes but no distributed backend is active; check the accelerate config.")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with its own generator seeded by (seed, epoch): the data order depends only on the epoch, so a resumed run
+    sees the same batches as an uninterrupted one and no global RNG is consumed by the data order.
+
+    It yields `epoch * num_items + index`; `ImageLabelDataset` takes the index modulo its length and seeds the sample's
+    augmentation with the whole key."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offset = self.epoch * self.num_items
+        return iter((torch.randperm(self.num_items, generator=generator) + offset).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def make_dataloader(dataset, batch_size: int, seed: int, num_workers: int, collate_fn) -> torch.utils.data.DataLoader:
+    """A training DataLoader whose order is reproducible and resumable (see `EpochShuffleSampler`)."""
+    dataset.augment_seed = seed
+    if len(dataset) < batch_size:
+        logger.warning(f"The dataset has {len(dataset)} samples, fewer than one batch of {batch_size}; batches are partial.")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed),
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=len(dataset) >= batch_size,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
+        persistent_workers=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoint-N` with a train_state.json, no temporary suffix), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+            if (path / TRAIN_STATE_NAME).exists():
+                found.append(path)
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_resume_path(output_dir: str, resume: str | None) -> Path | None:
+    """`latest` -> the newest complete checkpoint of output_dir (None when there is none); a path must exist."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / TRAIN_STATE_NAME).exists():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAIN_STATE_NAME}).")
+    return path
+
+
+def assert_finite_parameters(models: dict[str, torch.nn.Module]) -> None:
+    """Never write non-finite weights: raise naming the model and parameter."""
+    for model_name, model in models.items():
+        for param_name, param in model.state_dict().items():
+            if param.is_floating_point() and not torch.isfinite(param).all():
+                raise FloatingPointError(f"Refusing to save: {model_name}.{param_name} has non-finite values.")
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, global_step: int, train_state: dict, total_limit: int | None) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed into place when complete; then prune old checkpoints.
+
+    A process killed at any moment leaves either no `checkpoint-N` or a complete one, and `latest` only sees complete ones.
+    Call on every process (save_state runs the registered hooks and writes RNG states per process).
+    """
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
+    tmp = Path(output_dir) / f".tmp-{CHECKPOINT_PREFIX}{global_step}"
+    if accelerator.is_main_process:
+        if final.exists():
+            raise FileExistsError(f"Checkpoint {final} already exists; refusing to overwrite it.")
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / TRAIN_STATE_NAME, "w") as f:
+            json.dump({"global_step": global_step, **train_state}, f, indent=2)
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_train_state(checkpoint: Path) -> dict:
+    with open(checkpoint / TRAIN_STATE_NAME) as f:
+        return json.load(f)
+
+
+def register_model_hooks(accelerator: Accelerator, names: list[str], ema=None, ema_name: str = "transformer_ema") -> None:
+    """Save every prepared model with `save_pretrained` into `<checkpoint>/<name>/` (safetensors) and load it back.
+
+    `names` follow the order in which the models were passed to `accelerator.prepare`. The EMA is saved beside them.
+    """
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for name, model in zip(names, models):
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, name))
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, ema_name))
+        while weights:  # accelerate must not pickle the weights again
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        for name, model in zip(names, list(models)):
+            model = accelerator.unwrap_model(model)
+            loaded = type(model).from_pretrained(input_dir, subfolder=name)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+        while models:
+            models.pop()
+        if ema is not None:
+            from diffusers.training_utils import EMAModel
+
+            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, ema_name), model_cls=ema.model_cls)
+            ema.load_state_dict(loaded_ema.state_dict())
+            ema.to(accelerator.device)
+            del loaded_ema
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---------------------------------------------------------------------------------------------------------------- export
+def atomic_save_pretrained(output_dir: str, write) -> None:
+    """Run `write(tmp_dir)` and move each written entry into output_dir, replacing older ones only once all is written."""
+    root = Path(output_dir)
+    tmp = root / ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(str(tmp))
+    _fsync_dir(tmp)
+    for entry in sorted(tmp.iterdir()):
+        target = root / entry.name
+        if target.is_dir():
+            old = root / f".old-{entry.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(tmp)
+
+
+def write_model_card(output_dir: str, title: str, lines: list[str]) -> None:
+    command = " ".join(["accelerate launch"] + [a if " " not in a else repr(a) for a in sys.argv])
+    text = [
+        "---",
+        "library_name: diffusers",
+        "tags: [sadm, dit, diffusion-transformer]",
+        "---",
+        f"# {title}",
+        "",
+        *lines,
+        "",
+        "## Load",
+        "```python",
+        "import sadm  # registers the pipeline classes on diffusers",
+        "from diffusers import DiffusionPipeline",
+        "pipe = DiffusionPipeline.from_pretrained('PATH')",
+        "```",
+        "Without installing sadm: `DiffusionPipeline.from_pretrained('PATH', custom_pipeline='pipeline', trust_remote_code=True)`.",
+        "",
+        "## Command",
+        "```",
+        command,
+        "```",
+    ]
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+
+
+def copy_pipeline_file(source_file: str, output_dir: str) -> None:
+    """A `pipeline.py` in the folder lets diffusers load it without sadm installed (custom_pipeline + trust_remote_code)."""
+    shutil.copyfile(source_file, os.path.join(output_dir, "pipeline.py"))
+
+
+# ---------------------------------------------------------------------------------------------------------------- images
+def image_grid(images: np.ndarray, rows: int | None = None) -> Image.Image:
+    """Float NHWC images in [0, 1] -> one PIL grid."""
+    n, h, w, c = images.shape
+    rows = rows or int(math.ceil(math.sqrt(n)))
+    cols = int(math.ceil(n / rows))
+    grid = np.ones((rows * h, cols * w, c), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    array = (grid * 255).round().astype(np.uint8)
+    return Image.fromarray(array[..., 0], mode="L") if c == 1 else Image.fromarray(array)
+
+
+def log_images(accelerator: Accelerator, name: str, images: np.ndarray, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(image) for image in images]}, step=step)

@@ -1,0 +1,17 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def sadm_cache(tmp_path_factory):
+    """A private cache (digits folder, digit classifier) shared by the tests of one session."""
+    path = tmp_path_factory.mktemp("sadm_cache")
+    os.environ["SADM_CACHE"] = str(path)
+    return path

@@ -1,0 +1,98 @@
+"""The training script as users run it: `accelerate launch scripts/train_sadm.py ...` in a subprocess."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from helpers import run_script, write_class_folder
+from safetensors.torch import load_file
+
+from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
+from sadm.training import list_checkpoints
+
+TINY = ["--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_class_folder(tmp_path_factory.mktemp("data"), classes=("a", "b"), per_class=4, size=8, mode="L")
+
+
+def weights(folder):
+    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = run_script(
+        "train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "3",
+        "--checkpointing_steps", "2", "--use_ema", "--validation_steps", "2", "--num_validation_images", "4",
+        "--num_inference_steps", "2", "--report_to", "tensorboard",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, SADMDiTPipeline)
+    assert pipe.config.id2label == {0: "a", 1: "b"} and pipe.transformer.config.num_embeds_ada_norm == 2
+    assert pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 1)
+    assert (out / "pipeline.py").exists() and "train_sadm.py" in (out / "README.md").read_text()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "validation" / "step-0000002.png").exists()
+    assert any((out / "logs").rglob("events.out.tfevents*"))
+    state = json.loads((out / "checkpoint-3" / "train_state.json").read_text())
+    assert state["global_step"] == 3
+    # the export holds the EMA weights, the checkpoint both
+    ema = load_file(str(out / "checkpoint-3" / "transformer_ema" / "diffusion_pytorch_model.safetensors"))
+    exported = weights(out)
+    assert all(torch.equal(ema[k], exported[k]) for k in exported)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
+    common = [*TINY, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
+              "--use_ema", "--learn_sigma", "--random_flip", "--checkpoints_total_limit", "1"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_sadm.py", *common, "--output_dir", str(straight), "--max_train_steps", "6").returncode == 0
+    first = run_script("train_sadm.py", *common, "--output_dir", str(resumed), "--max_train_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script(
+        "train_sadm.py", *common, "--output_dir", str(resumed), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from" in second.stdout + second.stderr
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-6"]  # total limit 1 pruned checkpoint-3
+
+
+def test_refuses_a_non_empty_output_dir(tmp_path, data_dir):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = run_script("train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "1")
+    assert result.returncode != 0 and "--output_dir" in result.stderr and "not empty" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_flags_stop_before_training(tmp_path, data_dir):
+    result = run_script("train_sadm.py", *TINY[:2], "--resolution", "9", "--output_dir", str(tmp_path / "o"), launch=False)
+    assert result.returncode != 0 and "not divisible by the patch size 2" in result.stderr
+    result = run_script(
+        "train_sadm.py", *TINY, "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o2"), launch=False
+    )
+    assert result.returncode != 0 and "nowhere" in result.stderr
+
+
+def test_sample_script_writes_pngs_npz_and_grid(tmp_path, data_dir):
+    pipe_dir = tmp_path / "pipe"
+    assert run_script("train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(pipe_dir), "--max_train_steps", "1").returncode == 0
+    out = tmp_path / "samples"
+    result = run_script(
+        "sample.py", "--pipeline", str(pipe_dir), "--output_dir", str(out), "--num_per_class", "3", "--grid",
+        "--num_inference_steps", "2", "--batch_size", "4", launch=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(list(out.glob("*_class1.png"))) == 3 and (out / "grid.png").exists()
