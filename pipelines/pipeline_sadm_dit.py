@@ -92,7 +92,9 @@ class SADMDiTPipeline(DiffusionPipeline):
         if self.is_conditional:
             if class_labels is None:
                 gen = generator[0] if isinstance(generator, list) else generator
-                class_labels = torch.randint(0, self.num_classes, (batch_size,), generator=gen, device=gen.device if gen else "cpu")
+                class_labels = torch.randint(
+                    0, self.num_classes, (batch_size,), generator=gen, device=gen.device if gen else "cpu"
+                )
             class_labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
             if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= self.num_classes):
                 raise ValueError(f"class_labels must be in [0, {self.num_classes - 1}], got {class_labels.tolist()}.")
@@ -124,7 +126,9 @@ class SADMDiTPipeline(DiffusionPipeline):
             model_input = torch.cat([latents, latents]) if use_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]).to(device)
-            output = self.transformer(model_input, timestep=timesteps, class_labels=labels_in).sample  # [B', C or 2C, H, W]
+            output = self.transformer(
+                model_input, timestep=timesteps, class_labels=labels_in
+            ).sample  # [B', C or 2C, H, W]
             eps, rest = output[:, :channels], output[:, channels:]
             if use_guidance:
                 eps_cond, eps_null = eps.chunk(2)

@@ -73,7 +73,10 @@ def digits_image_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _label_table(raw_labels: list) -> tuple[list[int], dict[int, str]]:
     """Map raw labels (ints or names) to ids 0..K-1. Integer labels keep their value; names are sorted."""
-    if all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw_labels):
+    if all(
+        isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+        for v in raw_labels
+    ):
         ints = [int(v) for v in raw_labels]
         if min(ints) < 0:
             raise ValueError(f"Label {min(ints)} is out of range: integer labels must be >= 0.")
@@ -107,12 +110,16 @@ def _read_metadata(folder: Path, label_column: str | None) -> tuple[list[Path], 
     for line, row in enumerate(rows, start=2 if source == csv_path else 1):
         value = row.get(label_column)
         if value is None or value == "":
-            raise ValueError(f"{source}, row {line} ({row['file_name']}): missing value in label column '{label_column}'.")
+            raise ValueError(
+                f"{source}, row {line} ({row['file_name']}): missing value in label column '{label_column}'."
+            )
         labels.append(value)
     return files, labels
 
 
-def scan_image_folder(folder: str | os.PathLike, label_column: str | None = "label") -> tuple[list[Path], list[int] | None, dict[int, str] | None]:
+def scan_image_folder(
+    folder: str | os.PathLike, label_column: str | None = "label"
+) -> tuple[list[Path], list[int] | None, dict[int, str] | None]:
     """Files, label ids and `id2label` of an image folder.
 
     Layouts: `metadata.csv`/`metadata.jsonl` with a `file_name` column (labels from `label_column`), or class subfolders
@@ -256,7 +263,8 @@ def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: s
     import datasets
 
     if os.path.isdir(dataset_name) and any(
-        os.path.exists(os.path.join(dataset_name, name)) for name in ("dataset_dict.json", "state.json", "dataset_info.json")
+        os.path.exists(os.path.join(dataset_name, name))
+        for name in ("dataset_dict.json", "state.json", "dataset_info.json")
     ):
         try:
             data = datasets.load_from_disk(dataset_name)
@@ -305,7 +313,9 @@ def load_train_dataset(
     if dataset_name is not None:
         data = _hf_dataset(dataset_name, dataset_config_name, cache_dir)
         if image_column not in data.column_names:
-            raise ValueError(f"--image_column '{image_column}' is not a column of {dataset_name}; columns are {data.column_names}.")
+            raise ValueError(
+                f"--image_column '{image_column}' is not a column of {dataset_name}; columns are {data.column_names}."
+            )
         labels, id2label = None, None
         if label_column is not None and (label_column in data.column_names or label_column != "label"):
             if label_column not in data.column_names:
@@ -315,13 +325,17 @@ def load_train_dataset(
             raw = data[label_column]
             missing = [i for i, v in enumerate(raw) if v is None]
             if missing:
-                raise ValueError(f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}'.")
+                raise ValueError(
+                    f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}'."
+                )
             feature = data.features[label_column]
             if hasattr(feature, "names"):  # datasets.ClassLabel
                 labels, id2label = [int(v) for v in raw], dict(enumerate(feature.names))
                 bad = [v for v in labels if not 0 <= v < len(feature.names)]
                 if bad:
-                    raise ValueError(f"Label {bad[0]} in '{label_column}' is out of range for {len(feature.names)} classes.")
+                    raise ValueError(
+                        f"Label {bad[0]} in '{label_column}' is out of range for {len(feature.names)} classes."
+                    )
             else:
                 labels, id2label = _label_table(list(raw))
         if max_train_samples is not None:
@@ -331,7 +345,11 @@ def load_train_dataset(
 
         def load_image(index: int) -> Image.Image:
             image = images[index][image_column]
-            return image if isinstance(image, Image.Image) else Image.open(image["path"] if isinstance(image, dict) else image)
+            return (
+                image
+                if isinstance(image, Image.Image)
+                else Image.open(image["path"] if isinstance(image, dict) else image)
+            )
 
         describe = lambda index: f"{dataset_name}[{index}]"  # noqa: E731
         num_items = len(data)
@@ -379,16 +397,25 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
     group.add_argument(
-        "--label_column", type=str, default="label", help="Label column; the default 'label' is optional, other names must exist."
+        "--label_column",
+        type=str,
+        default="label",
+        help="Label column; the default 'label' is optional, other names must exist.",
     )
     group.add_argument("--unconditional", action="store_true", help="Ignore labels and train an unconditional model.")
-    group.add_argument("--resolution", type=int, default=16, help="Training resolution (images are resized and cropped to it).")
+    group.add_argument(
+        "--resolution", type=int, default=16, help="Training resolution (images are resized and cropped to it)."
+    )
     group.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
     group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     group.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training samples.")
-    group.add_argument("--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3).")
+    group.add_argument(
+        "--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3)."
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
-    group.add_argument("--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder.")
+    group.add_argument(
+        "--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder."
+    )
 
 
 def load_train_dataset_from_args(args: argparse.Namespace) -> ImageLabelDataset:

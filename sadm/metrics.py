@@ -26,7 +26,9 @@ FEATURE_METRICS = ("fid", "kid", "precision", "recall")
 # npz format version of `FeatureStatistics.save_npz`
 STATS_FORMAT_VERSION = 1
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS_NAME
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS_NAME
+)
 
 
 def _to_float64_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -133,7 +135,9 @@ class FeatureStatistics:
         if self.mean is None:
             self._allocate(features.shape[1], features.device)
         if features.shape[1] != self.num_features:
-            raise ValueError(f"features have dimension {features.shape[1]}, but these statistics have {self.num_features}.")
+            raise ValueError(
+                f"features have dimension {features.shape[1]}, but these statistics have {self.num_features}."
+            )
         if features.shape[0] == 0:
             return self
         features = features.to(device=self.mean.device, dtype=torch.float64)
@@ -149,7 +153,9 @@ class FeatureStatistics:
         if self.mean is None:
             self._allocate(other.num_features, other.mean.device)
         if other.num_features != self.num_features:
-            raise ValueError(f"Cannot merge statistics of dimension {other.num_features} into dimension {self.num_features}.")
+            raise ValueError(
+                f"Cannot merge statistics of dimension {other.num_features} into dimension {self.num_features}."
+            )
         self._combine(other.count, other.mean, other.scatter)
         return self
 
@@ -236,7 +242,9 @@ class FeatureStatistics:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in ("mu", "sigma", "num_samples", "feature_network") if key not in data]
             if missing:
-                raise ValueError(f"{path} is not a sadm statistics file: it lacks {missing} (it has {list(data.keys())}).")
+                raise ValueError(
+                    f"{path} is not a sadm statistics file: it lacks {missing} (it has {list(data.keys())})."
+                )
             stored_id = str(data["feature_network"])
             if feature_network_id is not None and stored_id != feature_network_id:
                 raise ValueError(
@@ -285,13 +293,19 @@ def kid(
         raise ValueError(f"num_subsets must be >= 1, got {num_subsets}.")
     m = min(subset_size, real.shape[0], fake.shape[0])
     if m < 2:
-        raise ValueError(f"kid needs at least 2 samples in each set, got {real.shape[0]} real and {fake.shape[0]} fake.")
+        raise ValueError(
+            f"kid needs at least 2 samples in each set, got {real.shape[0]} real and {fake.shape[0]} fake."
+        )
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     for _ in range(num_subsets):
         x = real[torch.randperm(real.shape[0], generator=generator)[:m].to(real.device)]  # [m, D]
         y = fake[torch.randperm(fake.shape[0], generator=generator)[:m].to(real.device)]  # [m, D]
-        k_xx, k_yy, k_xy = _polynomial_kernel(x, x, degree), _polynomial_kernel(y, y, degree), _polynomial_kernel(x, y, degree)
+        k_xx, k_yy, k_xy = (
+            _polynomial_kernel(x, x, degree),
+            _polynomial_kernel(y, y, degree),
+            _polynomial_kernel(x, y, degree),
+        )
         off_diagonal = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
         estimates.append(off_diagonal - 2.0 * k_xy.mean())
     estimates = torch.stack(estimates)
@@ -335,7 +349,9 @@ def precision_recall(
     real = torch.as_tensor(real).detach().float()
     fake = torch.as_tensor(fake).detach().float().to(real.device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"precision_recall needs [N, D] features of equal D, got {tuple(real.shape)} and {tuple(fake.shape)}.")
+        raise ValueError(
+            f"precision_recall needs [N, D] features of equal D, got {tuple(real.shape)} and {tuple(fake.shape)}."
+        )
     if k < 1 or k >= min(real.shape[0], fake.shape[0]):
         raise ValueError(
             f"k={k} must be >= 1 and smaller than both set sizes ({real.shape[0]} real, {fake.shape[0]} fake)."
@@ -358,7 +374,9 @@ def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple
     if not 1 <= splits <= probs.shape[0]:
         raise ValueError(f"splits must be between 1 and the number of samples ({probs.shape[0]}), got {splits}.")
     if (probs < 0).any() or not torch.allclose(probs.sum(dim=1), torch.ones_like(probs[:, 0]), atol=1e-4):
-        raise ValueError("probs must be probabilities (non-negative rows summing to 1); apply softmax to logits first.")
+        raise ValueError(
+            "probs must be probabilities (non-negative rows summing to 1); apply softmax to logits first."
+        )
     scores = []
     for chunk in torch.tensor_split(probs, splits):
         marginal = chunk.mean(dim=0, keepdim=True)  # p(y), [1, K]
@@ -370,7 +388,10 @@ def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple
 
 def conditional_accuracy(logits_or_probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
     """Fraction of samples whose arg-max class equals the class they were generated for."""
-    logits_or_probs, labels = torch.as_tensor(logits_or_probs), torch.as_tensor(labels).to(torch.as_tensor(logits_or_probs).device)
+    logits_or_probs, labels = (
+        torch.as_tensor(logits_or_probs),
+        torch.as_tensor(labels).to(torch.as_tensor(logits_or_probs).device),
+    )
     if logits_or_probs.ndim != 2 or labels.shape != logits_or_probs.shape[:1]:
         raise ValueError(
             f"conditional_accuracy needs logits [N, K] and labels [N], got {tuple(logits_or_probs.shape)} and {tuple(labels.shape)}."
@@ -518,20 +539,30 @@ class TimmFeatures(torch.nn.Module):
         weights_path (`str`, *optional*): a local checkpoint in timm's format (`.safetensors` or `.pth`); the classifier head
             is dropped, every other weight must match. Without it the network is randomly initialised from `seed` (useful for
             tests and as a sanity baseline only; its identity says so).
-        image_size (`int`, *optional*): resize inputs to this size (and build the model for it, `img_size=`, which ViTs
-            need); default the model's own input size.
+        image_size (`int`, *optional*): resize inputs to this size (models with a fixed input size, such as ViTs, are
+            built for it with `img_size=`); default the model's own input size.
         seed (`int`): initialisation seed when `weights_path` is not given.
 
     Call: `images [N, C, H, W]` float in [-1, 1] -> `[N, D]` (resized, 1 -> 3 channels, normalised with the model's mean/std).
     """
 
-    def __init__(self, model_name: str, weights_path: str | os.PathLike | None = None, image_size: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model_name: str,
+        weights_path: str | os.PathLike | None = None,
+        image_size: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         import timm
 
         if weights_path is not None and not Path(weights_path).is_file():
             raise FileNotFoundError(f"--timm_weights {weights_path} does not exist (weights are never downloaded).")
-        kwargs = {"img_size": image_size} if image_size is not None else {}
+        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+        if pretrained_cfg is None:
+            raise ValueError(f"--feature_network timm:{model_name}: timm knows no model of that name.")
+        # models with a fixed input size (ViTs: position embeddings) are built for the size; CNNs take any size
+        kwargs = {"img_size": image_size} if image_size is not None and pretrained_cfg.fixed_input_size else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)

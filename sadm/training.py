@@ -36,7 +36,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, required=True, help="Where the exported pipeline and checkpoints go.")
     g.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty --output_dir that is not resumed."
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow writing into a non-empty --output_dir that is not resumed.",
     )
     g.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and timesteps.")
     g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per process.")
@@ -58,19 +60,36 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
+    g.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config.",
+    )
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights for validation and export.")
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights for validation and export (--no-use_ema to disable).",
+    )
     g.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay cap (DiT: 0.9999).")
-    g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step/inv_gamma)^-power.")
+    g.add_argument(
+        "--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step/inv_gamma)^-power."
+    )
     g.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints (oldest pruned).")
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints (oldest pruned)."
+    )
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
     g.add_argument("--max_bad_steps", type=int, default=20, help="Stop after N consecutive non-finite steps.")
     g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    g.add_argument("--ddp_timeout", type=int, default=7200, help="Process-group timeout (s), long enough for evaluation.")
+    g.add_argument(
+        "--ddp_timeout", type=int, default=7200, help="Process-group timeout (s), long enough for evaluation."
+    )
 
 
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
@@ -141,7 +160,9 @@ def make_dataloader(dataset, batch_size: int, seed: int, num_workers: int, colla
     """A training DataLoader whose order is reproducible and resumable (see `EpochShuffleSampler`)."""
     dataset.augment_seed = seed
     if len(dataset) < batch_size:
-        logger.warning(f"The dataset has {len(dataset)} samples, fewer than one batch of {batch_size}; batches are partial.")
+        logger.warning(
+            f"The dataset has {len(dataset)} samples, fewer than one batch of {batch_size}; batches are partial."
+        )
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -179,7 +200,9 @@ def resolve_resume_path(output_dir: str, resume: str | None) -> Path | None:
         return checkpoints[-1] if checkpoints else None
     path = Path(resume)
     if not (path / TRAIN_STATE_NAME).exists():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAIN_STATE_NAME}).")
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAIN_STATE_NAME})."
+        )
     return path
 
 
@@ -191,7 +214,9 @@ def assert_finite_parameters(models: dict[str, torch.nn.Module]) -> None:
                 raise FloatingPointError(f"Refusing to save: {model_name}.{param_name} has non-finite values.")
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, global_step: int, train_state: dict, total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, global_step: int, train_state: dict, total_limit: int | None
+) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed into place when complete; then prune old checkpoints.
 
     A process killed at any moment leaves either no `checkpoint-N` or a complete one, and `latest` only sees complete ones.
@@ -231,7 +256,9 @@ def load_train_state(checkpoint: Path) -> dict:
         return json.load(f)
 
 
-def register_model_hooks(accelerator: Accelerator, names: list[str], ema=None, ema_name: str = "transformer_ema") -> None:
+def register_model_hooks(
+    accelerator: Accelerator, names: list[str], ema=None, ema_name: str = "transformer_ema"
+) -> None:
     """Save every prepared model with `save_pretrained` into `<checkpoint>/<name>/` (safetensors) and load it back.
 
     `names` follow the order in which the models were passed to `accelerator.prepare`. The EMA is saved beside them.
@@ -343,3 +370,59 @@ def log_images(accelerator: Accelerator, name: str, images: np.ndarray, step: in
             import wandb
 
             tracker.log({name: [wandb.Image(image) for image in images]}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------- method configs as flags
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, config_cls, prefix: str, rename: dict[str, str] | None = None
+) -> None:
+    """One flag per field of a method's dataclass config (`--<prefix><field>`, or `rename[field]`), help text from the field.
+
+    Defaults are left to the dataclass (argparse default None = "not given"), so the config stays the one source of defaults.
+    """
+    import dataclasses
+
+    rename = rename or {}
+    group = parser.add_argument_group(config_cls.__name__)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + rename.get(f.name, prefix + f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        type_name = str(f.type)
+        if type_name.startswith("bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = float if "float" in type_name else int if "int" in type_name else str
+            group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def dataclass_from_args(config_cls, args: argparse.Namespace, prefix: str, rename: dict[str, str] | None = None):
+    """Build the config from the flags added by `add_dataclass_args`; fields whose flag was not given keep their default."""
+    import dataclasses
+
+    rename = rename or {}
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, rename.get(f.name, prefix + f.name))
+        if value is not None:
+            values[f.name] = value
+    return config_cls(**values)
+
+
+def register_state_hooks(accelerator: Accelerator, states: dict[str, torch.nn.Module]) -> None:
+    """Save non-model state (e.g. AdaptiveDiffusion's p, T, t-table, RNG) as `<checkpoint>/<name>.pt` and load it back with
+    `torch.load(weights_only=True)`."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for name, module in states.items():
+                torch.save(module.state_dict(), os.path.join(output_dir, f"{name}.pt"))
+
+    def load_hook(models, input_dir):
+        for name, module in states.items():
+            module.load_state_dict(
+                torch.load(os.path.join(input_dir, f"{name}.pt"), map_location="cpu", weights_only=True)
+            )
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample many images from an exported pipeline: PNGs, an `.npz` (`images` uint8 NxHxWxC, `labels`) and a grid.
 
-    python scripts/sample.py --pipeline runs/digits --output_dir runs/digits/samples --num_per_class 10 --grid
+python scripts/sample.py --pipeline runs/digits --output_dir runs/digits/samples --num_per_class 10 --grid
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_inference_steps", type=int, default=100)
     parser.add_argument("--guidance_scale", type=float, default=1.0)
-    parser.add_argument("--scheduler", type=str, default=None, choices=sorted(SCHEDULERS), help="Override the saved scheduler.")
+    parser.add_argument(
+        "--scheduler", type=str, default=None, choices=sorted(SCHEDULERS), help="Override the saved scheduler."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", action="store_true", help="Also write grid.png (one row per class when per class).")
     parser.add_argument("--no_png", action="store_true", help="Only write the .npz (and grid).")
@@ -50,7 +52,9 @@ def sample_images(pipeline, class_labels: list[int] | None, num_images: int, bat
         end = min(start + batch_size, num_images)
         generator = torch.Generator(device=pipeline.device).manual_seed(seed + start)
         batch_labels = class_labels[start:end] if class_labels is not None else None
-        out = pipeline(class_labels=batch_labels, batch_size=end - start, generator=generator, output_type="np", **kwargs)
+        out = pipeline(
+            class_labels=batch_labels, batch_size=end - start, generator=generator, output_type="np", **kwargs
+        )
         images.append((out.images * 255).round().astype(np.uint8))
         labels.extend(batch_labels if batch_labels is not None else [-1] * (end - start))
     return np.concatenate(images), np.asarray(labels, dtype=np.int64)
@@ -70,7 +74,9 @@ def main(args: argparse.Namespace) -> None:
         class_labels = args.class_labels
     elif args.num_per_class is not None:
         if not num_classes:
-            raise ValueError("--num_per_class needs a class-conditional model; this one is unconditional (use --num_images).")
+            raise ValueError(
+                "--num_per_class needs a class-conditional model; this one is unconditional (use --num_images)."
+            )
         class_labels = [c for c in range(num_classes) for _ in range(args.num_per_class)]
     elif num_classes:
         rng = np.random.default_rng(args.seed)

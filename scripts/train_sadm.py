@@ -10,6 +10,7 @@ pipeline (`SADMDiTPipeline`, EMA weights when `--use_ema`) with `checkpoint-N/` 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -20,26 +21,45 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from sadm.pipelines import pipeline_sadm_dit
+from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from tqdm.auto import tqdm
 
 import sadm
 from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
+from sadm.diffusion_gan import (
+    DiffusionGANConfig,
+    build_adaptive_diffusion,
+    diffusion_gan_discriminator_loss,
+    diffusion_gan_generator_loss,
+)
 from sadm.losses import denoising_loss, predict_x0, training_target, vlb_loss
+from sadm.losses.structure import structure_timestep_weights
 from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout
-from sadm.pipelines import pipeline_sadm_dit
-from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
+from sadm.models.structure_discriminator import StructureDiscriminator
+from sadm.models.timestep_discriminator import TimestepDiscriminator
+from sadm.structure import (
+    StructureConfig,
+    all_gather_with_grad,
+    structure_denoiser_loss,
+    structure_discriminator_loss,
+    structure_weight_at,
+)
 from sadm.training import (
+    add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
     atomic_save_pretrained,
     check_output_dir,
     copy_pipeline_file,
+    dataclass_from_args,
     image_grid,
     load_train_state,
     log_images,
     make_accelerator,
     make_dataloader,
     register_model_hooks,
+    register_state_hooks,
     resolve_resume_path,
     save_checkpoint,
     write_model_card,
@@ -53,30 +73,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_args(parser)
     add_training_args(parser)
     g = parser.add_argument_group("model")
-    g.add_argument("--model", type=str, default="tiny", choices=sorted(DIT_PRESETS), help="DiT preset (ignored with a config/pretrained).")
-    g.add_argument("--model_config_name_or_path", type=str, default=None, help="A DiTTransformer2DModel config (json or folder).")
+    g.add_argument(
+        "--model",
+        type=str,
+        default="tiny",
+        choices=sorted(DIT_PRESETS),
+        help="DiT preset (ignored with a config/pretrained).",
+    )
+    g.add_argument(
+        "--model_config_name_or_path", type=str, default=None, help="A DiTTransformer2DModel config (json or folder)."
+    )
     g.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
         help="A pipeline folder or hub id with a transformer/ subfolder (e.g. a previous export) to fine-tune.",
     )
-    g.add_argument("--learn_sigma", action="store_true", help="Output 2C channels and train the improved-DDPM hybrid loss.")
-    g.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance (DiT: 0.1).")
+    g.add_argument(
+        "--learn_sigma", action="store_true", help="Output 2C channels and train the improved-DDPM hybrid loss."
+    )
+    g.add_argument(
+        "--class_dropout_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance (DiT: 0.1)."
+    )
     g.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"])
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-γ loss weighting (5.0 recommended); off by default.")
-    g.add_argument("--num_train_timesteps", type=int, default=1000, help="DDPM steps (DiT: 1000, linear β 1e-4 → 0.02).")
-    g.add_argument("--vlb_weight", type=float, default=0.001, help="λ of L_simple + λ·L_vlb when σ is learned (iDDPM: 0.001).")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    g.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR-γ loss weighting (5.0 recommended); off by default."
+    )
+    g.add_argument(
+        "--num_train_timesteps", type=int, default=1000, help="DDPM steps (DiT: 1000, linear β 1e-4 → 0.02)."
+    )
+    g.add_argument(
+        "--vlb_weight", type=float, default=0.001, help="λ of L_simple + λ·L_vlb when σ is learned (iDDPM: 0.001)."
+    )
+    g.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory."
+    )
     v = parser.add_argument_group("validation")
-    v.add_argument("--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never).")
-    v.add_argument("--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes).")
+    v.add_argument(
+        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
+    )
+    v.add_argument(
+        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
+    )
     v.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale for validation images.")
     v.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps for validation images.")
-    # adversarial terms (the SADM and Diffusion-GAN sections extend these)
-    a = parser.add_argument_group("adversarial")
-    a.add_argument("--structure_loss_weight", type=float, default=0.0, help="λ of SADM's structure loss (0 disables it).")
-    a.add_argument("--gan_loss_weight", type=float, default=0.0, help="λ_adv of the Diffusion-GAN term (0 disables it).")
+    v.add_argument("--logging_steps", type=int, default=10, help="Log scalars (one host sync) every N steps.")
+    # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
+    add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
+    d = parser.add_argument_group("discriminators (structure and timestep)")
+    d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers"],
+                   help="Structure discriminator backbone (conv: compact, spectral norm; timm/transformers: random-init here).")  # fmt: skip
+    d.add_argument("--disc_embed_dim", type=int, default=128, help="Structure embedding size.")
+    d.add_argument("--disc_base_channels", type=int, default=64, help="Width of the conv/ViT discriminators.")
+    d.add_argument("--disc_spectral_norm", action=argparse.BooleanOptionalAction, default=True, help="Spectral norm in the structure encoder.")  # fmt: skip
+    d.add_argument(
+        "--disc_timm_model_name", type=str, default="resnet18", help="timm backbone name (--disc_backbone timm)."
+    )
+    d.add_argument("--disc_timm_pretrained_path", type=str, default=None, help="Local timm weights for the backbone.")
+    d.add_argument(
+        "--disc_transformers_config", type=str, default=None, help="JSON file of a transformers vision config."
+    )
+    d.add_argument("--disc_freeze_backbone", action="store_true", help="Freeze the timm/transformers backbone.")
+    d.add_argument(
+        "--disc_class_conditional", action="store_true", help="Condition the structure embedding on the class."
+    )
+    d.add_argument("--disc_pretrained_path", type=str, default=None,
+                   help="Warm-start the structure discriminator from a saved one (e.g. a previous export's discriminator/).")  # fmt: skip
+    d.add_argument("--disc_learning_rate", type=float, default=2e-4, help="Discriminators' learning rate.")
+    d.add_argument("--disc_adam_beta1", type=float, default=0.5, help="GAN practice: β1 = 0.5.")
+    d.add_argument("--disc_adam_beta2", type=float, default=0.999)
+    d.add_argument("--disc_adam_weight_decay", type=float, default=0.0)
+    d.add_argument("--disc_adam_epsilon", type=float, default=1e-8)
+    # Diffusion-GAN term: DiffusionGANConfig fields as --diffusion_gan_* flags (λ_adv is --gan_loss_weight)
+    add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", GAN_FLAGS)
+    d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected"], help="Timestep discriminator trunk.")  # fmt: skip
+    d.add_argument("--gan_timestep_weighting", type=str, default="threshold", choices=["none", "snr", "threshold"],
+                   help="Which denoiser timesteps feed x̂₀ to the GAN term (x̂₀ is a blurry posterior mean at high noise).")  # fmt: skip
+    d.add_argument(
+        "--gan_t_threshold", type=int, default=250, help="t < this feeds the GAN term under 'threshold' (ours)."
+    )
+    d.add_argument("--x0_clip", type=float, default=1.0,
+                   help="Clamp x̂₀ to [-c, c] before the adversarial terms (pixel data lie in [-1, 1]); 0 disables (latents).")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.resolution <= 0:
@@ -88,10 +165,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
         patch = DIT_PRESETS[args.model]["patch_size"]
         if args.resolution % patch:
-            parser.error(f"--resolution {args.resolution} is not divisible by the patch size {patch} of --model {args.model}")
-    if args.structure_loss_weight or args.gan_loss_weight:
-        parser.error("The adversarial terms are not available in this build; use --structure_loss_weight 0 --gan_loss_weight 0.")
+            parser.error(
+                f"--resolution {args.resolution} is not divisible by the patch size {patch} of --model {args.model}"
+            )
+    try:  # validate the method configs before any work is done
+        args.structure = dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS)
+        args.diffusion_gan = dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.gan_loss_weight is None:  # the Diffusion-GAN term is opt-in in this script; SADM is on by default
+        args.diffusion_gan.weight = 0.0
+    if args.structure.weight > 0 and args.structure.scope == "local" and args.train_batch_size < 2:
+        parser.error(
+            "--structure_loss_weight > 0 needs --train_batch_size >= 2 (relations need pairs) or --structure_scope global."
+        )
     return args
+
+
+# flag names of config fields that do not follow the prefix rule
+STRUCTURE_FLAGS = {
+    "weight": "structure_loss_weight",
+    "disc_update_ratio": "disc_update_ratio",
+    "r1_gamma": "disc_r1_gamma",
+}
+GAN_FLAGS = {"weight": "gan_loss_weight"}
 
 
 def build_model(args, num_channels: int, num_classes: int) -> DiTTransformer2DModel:
@@ -110,6 +207,46 @@ def build_model(args, num_channels: int, num_classes: int) -> DiTTransformer2DMo
             "relabelling a pretrained model comes with the fine-tuning options."
         )
     return disable_label_dropout(model)
+
+
+def build_structure_discriminator(
+    args, in_channels: int, sample_size: int, num_classes: int
+) -> StructureDiscriminator:
+    if args.disc_pretrained_path is not None:
+        disc = StructureDiscriminator.from_pretrained(args.disc_pretrained_path)
+        if (disc.config.in_channels, disc.config.sample_size) != (in_channels, sample_size):
+            raise ValueError(
+                f"--disc_pretrained_path {args.disc_pretrained_path} takes {disc.config.in_channels}x{disc.config.sample_size}px "
+                f"inputs but the denoiser's samples are {in_channels}x{sample_size}px."
+            )
+        return disc
+    transformers_config = None
+    if args.disc_transformers_config is not None:
+        with open(args.disc_transformers_config) as f:
+            transformers_config = json.load(f)
+    return StructureDiscriminator(
+        in_channels=in_channels,
+        sample_size=sample_size,
+        backbone=args.disc_backbone,
+        embed_dim=args.disc_embed_dim,
+        base_channels=args.disc_base_channels,
+        spectral_norm=args.disc_spectral_norm,
+        num_classes=num_classes if args.disc_class_conditional and num_classes else None,
+        timm_model_name=args.disc_timm_model_name,
+        timm_pretrained_path=args.disc_timm_pretrained_path,
+        transformers_config=transformers_config,
+        freeze_backbone=args.disc_freeze_backbone,
+    )
+
+
+def make_disc_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.disc_learning_rate,
+        betas=(args.disc_adam_beta1, args.disc_adam_beta2),
+        weight_decay=args.disc_adam_weight_decay,
+        eps=args.disc_adam_epsilon,
+    )
 
 
 def make_pipeline(transformer, noise_scheduler: DDPMScheduler, id2label) -> SADMDiTPipeline:
@@ -175,7 +312,29 @@ def main(args: argparse.Namespace) -> None:
         eps=args.adam_epsilon,
     )
 
-    train_dataloader = make_dataloader(dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn)
+    # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
+    struct_cfg, gan_cfg = args.structure, args.diffusion_gan
+    use_structure, use_gan = struct_cfg.weight > 0, gan_cfg.weight > 0
+    channels, size = model.config.in_channels, model.config.sample_size
+    struct_disc = struct_opt = gan_disc = gan_opt = diffusion = None
+    if use_structure:
+        struct_disc = build_structure_discriminator(args, channels, size, num_classes)
+        struct_opt = make_disc_optimizer(args, struct_disc)
+    if use_gan:
+        gan_disc = TimestepDiscriminator(
+            in_channels=channels,
+            sample_size=size,
+            trunk=args.gan_disc_trunk,
+            base_channels=args.disc_base_channels,
+            t_conditioning=args.gan_disc_trunk != "projected",
+            num_classes=num_classes if gan_cfg.class_conditional_disc and num_classes else None,
+        )
+        gan_opt = make_disc_optimizer(args, gan_disc)
+        diffusion = build_adaptive_diffusion(gan_cfg, seed=args.seed).to(accelerator.device)
+
+    train_dataloader = make_dataloader(
+        dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
+    )
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
@@ -186,8 +345,19 @@ def main(args: argparse.Namespace) -> None:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
-    register_model_hooks(accelerator, ["transformer"], ema=ema)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    model_names = ["transformer"]
+    if use_structure:
+        struct_disc, struct_opt = accelerator.prepare(struct_disc, struct_opt)
+        model_names.append("discriminator")
+    if use_gan:
+        gan_disc, gan_opt = accelerator.prepare(gan_disc, gan_opt)
+        model_names.append("timestep_discriminator")
+        register_state_hooks(accelerator, {"adaptive_diffusion": diffusion})
+    register_model_hooks(accelerator, model_names, ema=ema)
+    gather = all_gather_with_grad if struct_cfg.scope == "global" else None
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
 
     if accelerator.is_main_process:
@@ -195,23 +365,25 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("sadm", config=tracker_config)
 
     # ---- resume
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step, first_epoch, skip_batches, bad_steps, d_step = 0, 0, 0, 0, 0
     resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        global_step = load_train_state(resume_path)["global_step"]
+        train_state = load_train_state(resume_path)
+        global_step, bad_steps, d_step = train_state["global_step"], train_state["bad_steps"], train_state["d_step"]
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"Steps {args.max_train_steps}, total batch {total_batch}, epochs {num_epochs}, starting at step {global_step}")
+    logger.info(
+        f"Steps {args.max_train_steps}, total batch {total_batch}, epochs {num_epochs}, starting at step {global_step}"
+    )
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    bad_steps = 0
 
     def run_validation(step: int) -> None:
         unwrapped = accelerator.unwrap_model(model)
@@ -234,76 +406,175 @@ def main(args: argparse.Namespace) -> None:
             ema.restore(unwrapped.parameters())
         log_images(accelerator, "validation", images, step)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-        image_grid(images).save(
-            os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
-        )
+        image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
 
     # ---- loop
+    def optimizer_step(net, opt, scheduler=None) -> tuple[bool, torch.Tensor]:
+        """Clip, then step only on finite gradients (a bad step is skipped and counted). One host sync per step."""
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        return finite, grad_norm
+
     model.train()
+    stats: dict[str, torch.Tensor | float] = {}
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch else train_dataloader
+        batches = (
+            accelerator.skip_first_batches(train_dataloader, skip_batches)
+            if epoch == first_epoch
+            else train_dataloader
+        )
         for batch in batches:
-            with accelerator.accumulate(model):
-                x0 = batch["pixel_values"]  # [B, C, H, W] in [-1, 1]
-                bsz = x0.shape[0]
-                if batch["class_labels"] is not None:
-                    labels = batch["class_labels"]
-                    # classifier-free guidance: drop the label once per sample (all blocks see the null class)
-                    drop = torch.rand(bsz, device=x0.device) < args.class_dropout_prob
-                    labels_in = torch.where(drop, torch.full_like(labels, null_class), labels)
-                else:
-                    labels_in = torch.zeros(bsz, dtype=torch.long, device=x0.device)  # unconditional: the single class 0
-                noise = torch.randn_like(x0)
-                timesteps = torch.randint(0, args.num_train_timesteps, (bsz,), device=x0.device)
-                x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+            x0 = batch["pixel_values"]  # [B, C, H, W] in [-1, 1]
+            bsz = x0.shape[0]
+            labels = batch["class_labels"]
+            if labels is not None:
+                # classifier-free guidance: drop the label once per sample (all blocks see the null class)
+                drop = torch.rand(bsz, device=x0.device) < args.class_dropout_prob
+                labels_in = torch.where(drop, torch.full_like(labels, null_class), labels)
+            else:
+                labels_in = torch.zeros(bsz, dtype=torch.long, device=x0.device)  # unconditional: the single class 0
+            struct_labels = labels if args.disc_class_conditional else None
+            noise = torch.randn_like(x0)
+            timesteps = torch.randint(0, args.num_train_timesteps, (bsz,), device=x0.device)
+            x_t = noise_scheduler.add_noise(x0, noise, timesteps)
 
+            # ---- denoiser step: L_DSM (+ hybrid VLB) + λ·L_struct + λ_adv·L_G, discriminators frozen
+            with accelerator.accumulate(model):
                 output = model(x_t, timestep=timesteps, class_labels=labels_in).sample  # [B, C or 2C, H, W]
-                channels = x0.shape[1]
                 prediction, var_values = output[:, :channels], output[:, channels:]
                 target = training_target(x0, noise, timesteps, alphas_cumprod, args.prediction_type)
-                loss_dsm = denoising_loss(prediction, target, timesteps, alphas_cumprod, args.prediction_type, args.snr_gamma)
+                loss_dsm = denoising_loss(
+                    prediction, target, timesteps, alphas_cumprod, args.prediction_type, args.snr_gamma
+                )
                 if learn_sigma:
                     eps_pred = noise_scheduler_eps(prediction, x_t, timesteps, alphas_cumprod, args.prediction_type)
                     loss_vlb = vlb_loss(var_values, eps_pred, x0, x_t, timesteps, betas, alphas_cumprod)
                     loss_dsm = loss_dsm + loss_vlb * (args.num_train_timesteps * args.vlb_weight)
                 loss = loss_dsm.mean()
-
+                stats["loss_dsm"] = loss_dsm.detach().mean()
+                if use_structure or use_gan:
+                    x0_hat = predict_x0(prediction, x_t, timesteps, alphas_cumprod, args.prediction_type)
+                    if args.x0_clip > 0:
+                        x0_hat = x0_hat.clamp(-args.x0_clip, args.x0_clip)
+                if use_structure:
+                    frozen = accelerator.unwrap_model(struct_disc).requires_grad_(False)  # no DDP hooks in this step
+                    loss_struct, s_stats = structure_denoiser_loss(
+                        frozen, x0, x0_hat, timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
+                        accelerator.process_index,
+                    )  # fmt: skip
+                    lam = structure_weight_at(global_step, struct_cfg)
+                    loss = loss + lam * loss_struct.mean()
+                    stats.update(loss_struct=loss_struct.detach().mean(), struct_lambda=lam)
+                    stats.update(
+                        {
+                            f"{k}_fake_side" if k == "loss_struct" else k: v
+                            for k, v in s_stats.items()
+                            if k != "loss_struct"
+                        }
+                    )
+                if use_gan:
+                    frozen = accelerator.unwrap_model(gan_disc).requires_grad_(False)
+                    gan_weights = structure_timestep_weights(
+                        timesteps, alphas_cumprod, args.gan_timestep_weighting, t_threshold=args.gan_t_threshold
+                    )
+                    loss_g, g_stats = diffusion_gan_generator_loss(frozen, diffusion, x0_hat, labels, gan_cfg)
+                    loss = loss + gan_cfg.weight * (loss_g * gan_weights).mean()
+                    stats.update(loss_gan_g=(loss_g * gan_weights).detach().mean(), **g_stats)
+                stats["loss"] = loss.detach()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    if torch.isfinite(grad_norm):  # one host sync per optimizer step
-                        optimizer.step()
-                        lr_scheduler.step()
-                        bad_steps = 0
-                    else:
-                        bad_steps += 1
-                        logger.warning(f"Non-finite gradient at step {global_step}: skipped ({bad_steps} in a row).")
-                        if bad_steps >= args.max_bad_steps:
-                            raise FloatingPointError(
-                                f"{bad_steps} consecutive non-finite steps (--max_bad_steps {args.max_bad_steps}); stopping."
-                            )
-                optimizer.zero_grad(set_to_none=True)
+                    ok, grad_norm = optimizer_step(model, optimizer, lr_scheduler)
+                    bad_steps = 0 if ok else bad_steps + 1
+                    stats["grad_norm"] = grad_norm
+                    if not ok:
+                        logger.warning(
+                            f"Non-finite denoiser gradient at step {global_step}: skipped ({bad_steps} in a row)."
+                        )
+                    if bad_steps >= args.max_bad_steps:
+                        raise FloatingPointError(
+                            f"{bad_steps} consecutive non-finite steps (--max_bad_steps {args.max_bad_steps}); stopping."
+                        )
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+
+            # ---- discriminator steps on the same batch, x̂₀ detached (no second denoiser forward)
+            if use_structure:
+                accelerator.unwrap_model(struct_disc).requires_grad_(True)
+                for _ in range(struct_cfg.disc_update_ratio):
+                    with accelerator.accumulate(struct_disc):
+                        loss_d, d_stats = structure_discriminator_loss(
+                            struct_disc, x0, x0_hat.detach(), timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
+                            accelerator.process_index,
+                        )  # fmt: skip
+                        accelerator.backward(loss_d.mean())
+                        if accelerator.sync_gradients:
+                            _, stats["struct_disc_grad_norm"] = optimizer_step(struct_disc, struct_opt)
+                        else:
+                            struct_opt.zero_grad(set_to_none=True)
+                    stats["loss_struct_disc"] = loss_d.detach().mean()
+                    stats.update({f"disc_{k}": v for k, v in d_stats.items()})
+            if use_gan:
+                accelerator.unwrap_model(gan_disc).requires_grad_(True)
+                for _ in range(gan_cfg.disc_update_ratio):
+                    with accelerator.accumulate(gan_disc):
+                        loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
+                            gan_disc, diffusion, x0, x0_hat.detach(), labels, gan_cfg, d_step
+                        )
+                        accelerator.backward((loss_d * gan_weights).mean())
+                        if accelerator.sync_gradients:
+                            _, stats["gan_disc_grad_norm"] = optimizer_step(gan_disc, gan_opt)
+                            d_step += 1
+                        else:
+                            gan_opt.zero_grad(set_to_none=True)
+                        diffusion.update(accelerator.gather(real_logits))  # r_d over the global batch
+                    stats.update({k: v for k, v in gd_stats.items() if k != "r1" or v == v})
+                stats.update({f"ada_{k}": v for k, v in diffusion.stats().items()})
 
             if accelerator.sync_gradients:
                 if ema is not None:
                     ema.step(model.parameters())
                 global_step += 1
                 progress.update(1)
-                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-                if ema is not None:
-                    logs["ema_decay"] = ema.cur_decay_value
-                progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                accelerator.log(logs, step=global_step)
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    names = list(stats)
+                    values = torch.stack(
+                        [
+                            torch.as_tensor(stats[n], dtype=torch.float32, device="cpu")
+                            if not torch.is_tensor(stats[n])
+                            else stats[n].float().cpu()
+                            for n in names
+                        ]
+                    ).tolist()  # noqa: E501
+                    logs = dict(zip(names, values), lr=lr_scheduler.get_last_lr()[0])
+                    if ema is not None:
+                        logs["ema_decay"] = ema.cur_decay_value
+                    postfix = {
+                        k: f"{logs[k]:.4g}"
+                        for k in ("loss", "loss_dsm", "loss_struct", "loss_gan_g", "ada_T")
+                        if k in logs
+                    }
+                    progress.set_postfix(postfix)
+                    accelerator.log(logs, step=global_step)
 
                 if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                    assert_finite_parameters({"transformer": accelerator.unwrap_model(model)})
+                    named = {"transformer": accelerator.unwrap_model(model)}
+                    if use_structure:
+                        named["discriminator"] = accelerator.unwrap_model(struct_disc)
+                    if use_gan:
+                        named["timestep_discriminator"] = accelerator.unwrap_model(gan_disc)
+                    assert_finite_parameters(named)
                     save_checkpoint(
                         accelerator,
                         args.output_dir,
                         global_step,
-                        {"epoch": epoch, "bad_steps": bad_steps},
+                        {"epoch": epoch, "bad_steps": bad_steps, "d_step": d_step},
                         args.checkpoints_total_limit,
                     )
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -325,6 +596,13 @@ def main(args: argparse.Namespace) -> None:
         def write(folder: str) -> None:
             pipeline.save_pretrained(folder)
             copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
+            if use_structure:  # next to the pipeline, loadable with StructureDiscriminator.from_pretrained
+                accelerator.unwrap_model(struct_disc).save_pretrained(os.path.join(folder, "discriminator"))
+            if use_gan:
+                accelerator.unwrap_model(gan_disc).save_pretrained(os.path.join(folder, "timestep_discriminator"))
+                torch.save(
+                    diffusion.state_dict(), os.path.join(folder, "timestep_discriminator", "adaptive_diffusion.pt")
+                )
             data = args.dataset_name or args.train_data_dir or "the embedded scikit-learn digits (8x8, 10 classes)"
             write_model_card(
                 folder,
@@ -333,8 +611,8 @@ def main(args: argparse.Namespace) -> None:
                     f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
                     f"- Model: {args.pretrained_model_name_or_path or args.model_config_name_or_path or args.model}, "
                     f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, learned σ: {learn_sigma}.",
-                    f"- Objective: {args.prediction_type} prediction, structure λ {args.structure_loss_weight}, "
-                    f"GAN λ {args.gan_loss_weight}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
+                    f"- Objective: {args.prediction_type} prediction; SADM structure loss: {struct_cfg if use_structure else 'off'}; "
+                    f"Diffusion-GAN term: {gan_cfg if use_gan else 'off'}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",
                 ],
             )

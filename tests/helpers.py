@@ -26,8 +26,22 @@ def run_script(script: str, *args: str, launch: bool = True, timeout: int = 300,
     """Run a script under `accelerate launch` on one CPU process; returns the CompletedProcess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
     if launch:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--cpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "scripts" / script),
+            *args,
+        ]
     else:
         cmd = [sys.executable, str(REPO / "scripts" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO))

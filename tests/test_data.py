@@ -27,7 +27,9 @@ def test_metadata_file_with_label_column(tmp_path, fmt):
         Image.fromarray(np.full((8, 8), i * 40, dtype=np.uint8), mode="L").save(tmp_path / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "kind": label})
     if fmt == "csv":
-        (tmp_path / "metadata.csv").write_text("file_name,kind\n" + "".join(f"{r['file_name']},{r['kind']}\n" for r in rows))
+        (tmp_path / "metadata.csv").write_text(
+            "file_name,kind\n" + "".join(f"{r['file_name']},{r['kind']}\n" for r in rows)
+        )
     else:
         (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = load_train_dataset(train_data_dir=str(tmp_path), label_column="kind", resolution=8)
@@ -80,14 +82,23 @@ def test_digits_default(sadm_cache):
 
 def test_num_channels_forces_conversion(tmp_path):
     write_class_folder(tmp_path, mode="L")
-    assert load_train_dataset(train_data_dir=str(tmp_path), resolution=8, num_channels=3)[0]["pixel_values"].shape[0] == 3
+    assert (
+        load_train_dataset(train_data_dir=str(tmp_path), resolution=8, num_channels=3)[0]["pixel_values"].shape[0] == 3
+    )
     write_class_folder(tmp_path / "rgb", mode="RGB")
-    assert load_train_dataset(train_data_dir=str(tmp_path / "rgb"), resolution=8, num_channels=1)[0]["pixel_values"].shape[0] == 1
+    assert (
+        load_train_dataset(train_data_dir=str(tmp_path / "rgb"), resolution=8, num_channels=1)[0][
+            "pixel_values"
+        ].shape[0]
+        == 1
+    )
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
 def test_modes_convert(mode):
-    image = Image.new("RGB", (4, 4), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.new("I;16", (4, 4), 60000)
+    image = (
+        Image.new("RGB", (4, 4), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.new("I;16", (4, 4), 60000)
+    )
     assert to_mode(image, 3).mode == "RGB" and to_mode(image, 1).mode == "L"
     if mode == "I;16":
         assert np.asarray(to_mode(image, 1)).max() > 200  # 16-bit values are rescaled, not clipped to black/white
@@ -104,7 +115,9 @@ def test_hf_dataset_from_disk(tmp_path):
     assert len(ds) == 4 and ds.id2label == {0: "a", 1: "b"} and ds[2]["class_labels"].item() == 1
     with pytest.raises(ValueError, match="--image_column 'image'"):
         load_train_dataset(dataset_name=str(tmp_path / "ds"), resolution=8)
-    ds = load_train_dataset(dataset_name=str(tmp_path / "ds"), image_column="img", label_column="y", resolution=8, max_train_samples=2)
+    ds = load_train_dataset(
+        dataset_name=str(tmp_path / "ds"), image_column="img", label_column="y", resolution=8, max_train_samples=2
+    )
     assert len(ds) == 2
 
 

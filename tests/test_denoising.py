@@ -47,7 +47,9 @@ def test_predict_x0_inverts_forward_process(scheduler, prediction_type):
 
 def test_unknown_prediction_type_is_named(scheduler):
     with pytest.raises(ValueError, match="'flow'"):
-        training_target(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([1]), scheduler.alphas_cumprod, "flow")
+        training_target(
+            torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([1]), scheduler.alphas_cumprod, "flow"
+        )
 
 
 def test_vlb_is_zero_when_the_model_posterior_is_exact(scheduler):
@@ -84,7 +86,12 @@ def test_vlb_kl_by_hand(scheduler):
 
 
 def test_presets_match_the_dit_paper():
-    assert DIT_PRESETS["DiT-XL/2"] == {"num_layers": 28, "num_attention_heads": 16, "attention_head_dim": 72, "patch_size": 2}
+    assert DIT_PRESETS["DiT-XL/2"] == {
+        "num_layers": 28,
+        "num_attention_heads": 16,
+        "attention_head_dim": 72,
+        "patch_size": 2,
+    }
     assert DIT_PRESETS["DiT-S/8"]["num_attention_heads"] * DIT_PRESETS["DiT-S/8"]["attention_head_dim"] == 384
     assert DIT_PRESETS["DiT-B/4"]["num_layers"] == 12 and DIT_PRESETS["DiT-L/2"]["num_layers"] == 24
     assert len(DIT_PRESETS) == 13
@@ -105,7 +112,9 @@ def test_build_dit_config_and_label_table():
 def test_train_mode_forward_is_deterministic_in_labels():
     model = build_dit("tiny", sample_size=8, in_channels=1, num_classes=3, seed=0).train()
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 0])
-    torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
+    torch.testing.assert_close(
+        model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample
+    )
 
 
 def test_one_training_step_changes_every_parameter(scheduler):

@@ -14,7 +14,9 @@ from sadm.training import copy_pipeline_file
 
 
 def make_pipeline(num_classes=10, learn_sigma=False, channels=1):
-    model = build_dit("tiny", sample_size=8, in_channels=channels, num_classes=num_classes, learn_sigma=learn_sigma, seed=0)
+    model = build_dit(
+        "tiny", sample_size=8, in_channels=channels, num_classes=num_classes, learn_sigma=learn_sigma, seed=0
+    )
     scheduler = DDPMScheduler(variance_type="learned_range" if learn_sigma else "fixed_small")
     id2label = {i: f"class{i}" for i in range(num_classes)} if num_classes else None
     pipe = SADMDiTPipeline(transformer=model.eval(), scheduler=scheduler, id2label=id2label)
@@ -48,7 +50,9 @@ def test_loads_without_sadm_through_pipeline_py(tmp_path):
         "assert 'sadm' not in sys.modules, 'sadm was imported'\n"
         "print(type(p).__name__, p(class_labels=[0, 2], num_inference_steps=2, output_type='np').images.shape)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SADMDiTPipeline (2, 8, 8, 1)" in result.stdout
 
@@ -56,7 +60,9 @@ def test_loads_without_sadm_through_pipeline_py(tmp_path):
 def test_cfg_uses_the_models_null_class_not_1000():
     pipe = make_pipeline(num_classes=10)
     seen = []
-    pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"].clone()), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["class_labels"].clone()), with_kwargs=True
+    )
     guided = sample(pipe, class_labels=[2, 3], guidance_scale=4.0)
     assert seen[0].tolist() == [2, 3, 10, 10]  # conditional half, then the null class id = class count
     seen.clear()
@@ -80,7 +86,13 @@ def test_guidance_formula():
         return output
 
     pipe.transformer.register_forward_hook(fake_forward, with_kwargs=True)
-    guided = pipe(class_labels=[0], guidance_scale=w, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
+    guided = pipe(
+        class_labels=[0],
+        guidance_scale=w,
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     pipe2 = make_pipeline(num_classes=2)
     pipe2.scheduler = DDIMScheduler.from_config(pipe2.scheduler.config)
 
@@ -89,7 +101,13 @@ def test_guidance_formula():
         return output
 
     pipe2.transformer.register_forward_hook(constant_forward, with_kwargs=True)
-    expected = pipe2(class_labels=[0], guidance_scale=1.0, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
+    expected = pipe2(
+        class_labels=[0],
+        guidance_scale=1.0,
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     torch.testing.assert_close(guided.images, expected.images)
 
 
@@ -104,7 +122,9 @@ def test_unconditional_and_learned_sigma_and_rgb():
 
 def test_random_labels_bad_labels_and_output_types():
     pipe = make_pipeline(num_classes=4)
-    out = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    out = pipe(
+        batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt"
+    ).images
     assert out.shape == (3, 1, 8, 8) and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
         pipe(class_labels=[4], num_inference_steps=2)

@@ -12,7 +12,18 @@ from safetensors.torch import load_file
 from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from sadm.training import list_checkpoints
 
-TINY = ["--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
+TINY = [
+    "--model",
+    "tiny",
+    "--resolution",
+    "8",
+    "--train_batch_size",
+    "2",
+    "--validation_steps",
+    "0",
+    "--report_to",
+    "none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +31,8 @@ def data_dir(tmp_path_factory):
     return write_class_folder(tmp_path_factory.mktemp("data"), classes=("a", "b"), per_class=4, size=8, mode="L")
 
 
-def weights(folder):
-    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+def weights(folder, sub="transformer"):
+    return load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
 
 
 def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
@@ -48,20 +59,51 @@ def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
     assert all(torch.equal(ema[k], exported[k]) for k in exported)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
-    common = [*TINY, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
+@pytest.mark.parametrize(
+    "terms",
+    [
+        ["--structure_loss_weight", "0"],  # plain DSM
+        [
+            "--structure_warmup_steps",
+            "0",
+            "--structure_t_threshold",
+            "1000",
+            "--gan_loss_weight",
+            "0.05",
+        ],  # SADM + GAN
+    ],
+    ids=["dsm", "sadm+gan"],
+)
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir, terms):
+    common = [*terms, *TINY, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
               "--use_ema", "--learn_sigma", "--random_flip", "--checkpoints_total_limit", "1"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_script("train_sadm.py", *common, "--output_dir", str(straight), "--max_train_steps", "6").returncode == 0
+    assert (
+        run_script("train_sadm.py", *common, "--output_dir", str(straight), "--max_train_steps", "6").returncode == 0
+    )
     first = run_script("train_sadm.py", *common, "--output_dir", str(resumed), "--max_train_steps", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_script(
-        "train_sadm.py", *common, "--output_dir", str(resumed), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"
+        "train_sadm.py",
+        *common,
+        "--output_dir",
+        str(resumed),
+        "--max_train_steps",
+        "6",
+        "--resume_from_checkpoint",
+        "latest",
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming from" in second.stdout + second.stderr
-    a, b = weights(straight), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    for sub in ["transformer"] + (["discriminator", "timestep_discriminator"] if "--gan_loss_weight" in terms else []):
+        a, b = weights(straight, sub), weights(resumed, sub)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"resumed {sub} differs from the uninterrupted run"
+    if "--gan_loss_weight" in terms:  # the adaptive diffusion state (p, T, t-table, RNG) too
+        a, b = (
+            torch.load(d / "timestep_discriminator" / "adaptive_diffusion.pt", weights_only=True)
+            for d in (straight, resumed)
+        )
+        assert a.keys() == b.keys() and repr(a) == repr(b)
     assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-6"]  # total limit 1 pruned checkpoint-3
 
 
@@ -69,23 +111,45 @@ def test_refuses_a_non_empty_output_dir(tmp_path, data_dir):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    result = run_script("train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "1")
+    result = run_script(
+        "train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "1"
+    )
     assert result.returncode != 0 and "--output_dir" in result.stderr and "not empty" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
 
 
 def test_bad_flags_stop_before_training(tmp_path, data_dir):
-    result = run_script("train_sadm.py", *TINY[:2], "--resolution", "9", "--output_dir", str(tmp_path / "o"), launch=False)
+    result = run_script(
+        "train_sadm.py", *TINY[:2], "--resolution", "9", "--output_dir", str(tmp_path / "o"), launch=False
+    )
     assert result.returncode != 0 and "not divisible by the patch size 2" in result.stderr
     result = run_script(
-        "train_sadm.py", *TINY, "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o2"), launch=False
+        "train_sadm.py",
+        *TINY,
+        "--train_data_dir",
+        str(tmp_path / "nowhere"),
+        "--output_dir",
+        str(tmp_path / "o2"),
+        launch=False,
     )
     assert result.returncode != 0 and "nowhere" in result.stderr
 
 
 def test_sample_script_writes_pngs_npz_and_grid(tmp_path, data_dir):
     pipe_dir = tmp_path / "pipe"
-    assert run_script("train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(pipe_dir), "--max_train_steps", "1").returncode == 0
+    assert (
+        run_script(
+            "train_sadm.py",
+            *TINY,
+            "--train_data_dir",
+            str(data_dir),
+            "--output_dir",
+            str(pipe_dir),
+            "--max_train_steps",
+            "1",
+        ).returncode
+        == 0
+    )
     out = tmp_path / "samples"
     result = run_script(
         "sample.py", "--pipeline", str(pipe_dir), "--output_dir", str(out), "--num_per_class", "3", "--grid",

@@ -38,7 +38,11 @@ def training_target(
 
 
 def predict_x0(
-    model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
 ) -> torch.Tensor:
     """Clean-sample prediction x̂₀ used by every adversarial term (METHODS.md §0).
 
@@ -97,7 +101,9 @@ def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def _discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """log p(x) of data in [-1, 1] discretised into 256 bins of width 2/255 under N(means, exp(log_scales)²)."""
     centered = x - means
     inv_stdv = torch.exp(-log_scales)

@@ -41,7 +41,7 @@ class DigitClassifierOutput(BaseOutput):
 
 class DigitClassifier(ModelMixin, ConfigMixin):
     r"""
-    Two conv stages (conv-BN-ReLU x2, max-pool) -> 4x4 adaptive average pool -> linear -> ReLU (features) -> linear (logits).
+    conv-BN-ReLU, max-pool, (conv-BN-ReLU) x2, max-pool -> 4x4 adaptive average pool -> linear -> ReLU (features) -> linear (logits).
 
     Args:
         resolution (`int`): input height and width.
@@ -57,7 +57,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         resolution: int = 16,
         in_channels: int = 1,
         num_classes: int = 10,
-        hidden_channels: tuple[int, int] = (32, 64),
+        hidden_channels: tuple[int, int] = (16, 32),
         feature_dim: int = 128,
     ):
         super().__init__()
@@ -67,7 +67,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
         self.conv = nn.Sequential(
-            *block(in_channels, c1), *block(c1, c1), nn.MaxPool2d(2), *block(c1, c2), *block(c2, c2), nn.MaxPool2d(2)
+            *block(in_channels, c1), nn.MaxPool2d(2), *block(c1, c2), *block(c2, c2), nn.MaxPool2d(2)
         )
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.to_features = nn.Sequential(nn.Linear(c2 * 16, feature_dim), nn.ReLU())
@@ -77,7 +77,9 @@ class DigitClassifier(ModelMixin, ConfigMixin):
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         expected = (self.config.in_channels, self.config.resolution, self.config.resolution)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"DigitClassifier expects [B, {', '.join(map(str, expected))}] inputs, got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"DigitClassifier expects [B, {', '.join(map(str, expected))}] inputs, got {tuple(pixel_values.shape)}."
+            )
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Penultimate features `[B, feature_dim]` of images `[B, C, R, R]` in [-1, 1]."""
@@ -100,9 +102,13 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     batch = images.shape[0]
     angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(10)
     scale = 0.9 + 0.2 * torch.rand(batch, generator=generator)
-    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (2 / 8)  # in [-1, 1] coordinates: 2/8 = one 8x8 pixel
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (
+        2 / 8
+    )  # in [-1, 1] coordinates: 2/8 = one 8x8 pixel
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # [B, 2, 3]
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )  # [B, 2, 3]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # [B, R, R, 2]
     # sample (x + 1) so that zero padding outside the image is the black background -1
     return F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
@@ -121,7 +127,7 @@ def train_digit_classifier(
     resolution: int = 16,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
-    num_epochs: int = 30,
+    num_epochs: int = 20,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
 ) -> tuple[DigitClassifier, float]:
@@ -141,7 +147,9 @@ def train_digit_classifier(
         model = DigitClassifier(resolution=resolution)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
         steps_per_epoch = math.ceil(len(train) / batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=num_epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, learning_rate, total_steps=num_epochs * steps_per_epoch
+        )
         model.train()
         for _ in range(num_epochs):
             permutation = train[torch.randperm(len(train), generator=generator)]
@@ -194,7 +202,9 @@ def load_or_train_digit_classifier(
     model = DigitClassifier.from_pretrained(folder).eval()
     accuracy = json.loads(info_file.read_text())["heldout_accuracy"]
     if accuracy < MIN_HELDOUT_ACCURACY:
-        logger.warning(f"The digit classifier in {folder} has held-out accuracy {accuracy:.3f} < {MIN_HELDOUT_ACCURACY}.")
+        logger.warning(
+            f"The digit classifier in {folder} has held-out accuracy {accuracy:.3f} < {MIN_HELDOUT_ACCURACY}."
+        )
     return model, accuracy
 
 

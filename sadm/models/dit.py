@@ -11,7 +11,12 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
     # 4 blocks, width 128: ~0.9M parameters, ~50 ms per step at batch 32 on 16x16 on two CPU cores
     "tiny": {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "patch_size": 2},
     **{
-        f"DiT-{size}/{patch}": {"num_layers": depth, "num_attention_heads": heads, "attention_head_dim": width // heads, "patch_size": patch}
+        f"DiT-{size}/{patch}": {
+            "num_layers": depth,
+            "num_attention_heads": heads,
+            "attention_head_dim": width // heads,
+            "patch_size": patch,
+        }
         for size, (depth, width, heads) in {
             "S": (12, 384, 6),
             "B": (12, 768, 12),
@@ -72,14 +77,22 @@ def build_dit(
     return disable_label_dropout(model)
 
 
-def check_dit_fits(model: DiTTransformer2DModel, sample_size: int, in_channels: int, source: str = "the model") -> None:
+def check_dit_fits(
+    model: DiTTransformer2DModel, sample_size: int, in_channels: int, source: str = "the model"
+) -> None:
     """Raise a clear error when a DiT cannot take inputs of the given shape."""
     config = model.config
     if config.in_channels != in_channels:
         raise ValueError(f"{source} has in_channels={config.in_channels} but the data has {in_channels} channels.")
     if config.sample_size != sample_size:
-        raise ValueError(f"{source} has sample_size={config.sample_size} but the data gives {sample_size}x{sample_size} inputs.")
+        raise ValueError(
+            f"{source} has sample_size={config.sample_size} but the data gives {sample_size}x{sample_size} inputs."
+        )
     if sample_size % config.patch_size != 0:
-        raise ValueError(f"Input size {sample_size} is not divisible by the patch size {config.patch_size} of {source}.")
+        raise ValueError(
+            f"Input size {sample_size} is not divisible by the patch size {config.patch_size} of {source}."
+        )
     if config.out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"{source} has out_channels={config.out_channels}; expected {in_channels} or {2 * in_channels}.")
+        raise ValueError(
+            f"{source} has out_channels={config.out_channels}; expected {in_channels} or {2 * in_channels}."
+        )

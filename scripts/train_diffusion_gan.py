@@ -1,0 +1,572 @@
+#!/usr/bin/env python
+"""Train a one-step GAN generator against a timestep-dependent discriminator with Diffusion-GAN's adaptive diffusion.
+
+    accelerate launch scripts/train_diffusion_gan.py --max_train_steps 5000 --output_dir runs/digits-gan
+
+Diffusion-GAN (Wang et al., ICLR 2023, arXiv 2206.02262): real and generated images pass through the same forward
+diffusion y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε before D(y, t); the diffusion length T adapts to the discriminator's overfitting
+r_d = E[sign(D(y_real, t))]. `--diffusion fixed` (T = T_max) and `--diffusion none` (a plain GAN) are the ablations.
+
+Schedule: every data micro-batch feeds one phase, as diffusers' VQGAN example: `disc_update_ratio` discriminator
+optimizer steps, then one generator step (each of `--gradient_accumulation_steps` micro-batches, each inside
+`accelerator.accumulate` of the model it steps). The generator phase only takes the class labels of its batches.
+A training step (`--max_train_steps`, checkpoints, validation) is one generator step.
+
+The output folder is a diffusers pipeline (`DiffusionGANPipeline`, EMA weights when `--use_ema`) with the
+discriminator in `discriminator/`, `T.png` / `T_history.json` (the diffusion length over training) and `checkpoint-N/`
+folders beside it (the adaptive diffusion state is in `checkpoint-N/adaptive_diffusion.pt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import typing
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from sadm.pipelines import pipeline_diffusion_gan
+from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
+from tqdm.auto import tqdm
+
+import sadm
+from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
+from sadm.diffusion_augment import DIFFUSION_GAN_PRESETS, AdaptiveDiffusion
+from sadm.diffusion_gan import (
+    MODES,
+    DiffusionGANConfig,
+    build_adaptive_diffusion,
+    diffusion_gan_discriminator_loss,
+    diffusion_gan_generator_loss,
+)
+from sadm.models.generator import GANGenerator
+from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
+from sadm.training import (
+    add_training_args,
+    assert_finite_parameters,
+    atomic_save_pretrained,
+    check_output_dir,
+    copy_pipeline_file,
+    image_grid,
+    load_train_state,
+    log_images,
+    make_accelerator,
+    make_dataloader,
+    register_model_hooks,
+    resolve_resume_path,
+    save_checkpoint,
+    write_model_card,
+)
+
+logger = get_logger(__name__)
+
+ADAPTIVE_STATE_NAME = "adaptive_diffusion.pt"
+T_HISTORY_NAME = "T_history.json"
+# DiffusionGANConfig fields without a --diffusion_gan_<field> flag: `weight` only applies to the DiT trainer,
+# `preset` and `mode` have their own flags (--diffusion_gan_preset, --diffusion)
+CONFIG_FIELDS_WITHOUT_FLAG = ("weight", "preset", "mode")
+# logged every step and shown in the progress bar
+MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
+
+
+def add_diffusion_gan_args(group: argparse._ArgumentGroup) -> None:
+    """`--diffusion_gan_<field>` for every DiffusionGANConfig field (help text from the config); None keeps the preset."""
+    hints = typing.get_type_hints(DiffusionGANConfig)
+    for config_field in dataclasses.fields(DiffusionGANConfig):
+        if config_field.name in CONFIG_FIELDS_WITHOUT_FLAG:
+            continue
+        value_type = next(
+            t
+            for t in (typing.get_args(hints[config_field.name]) or (hints[config_field.name],))
+            if t is not type(None)
+        )
+        help_text = config_field.metadata["help"]
+        if value_type is bool:
+            group.add_argument(
+                f"--diffusion_gan_{config_field.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            group.add_argument(f"--diffusion_gan_{config_field.name}", type=value_type, default=None, help=help_text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    add_training_args(parser)
+    # GAN defaults for the generator's optimizer (StyleGAN2: Adam β = (0, 0.99), no clipping) and a GAN-scale EMA
+    parser.set_defaults(learning_rate=2e-4, adam_beta1=0.0, adam_beta2=0.99, max_grad_norm=0.0, ema_max_decay=0.999)
+    g = parser.add_argument_group("generator")
+    g.add_argument("--latent_dim", type=int, default=64, help="Size of z (and of the mapped code w).")
+    g.add_argument("--generator_base_channels", type=int, default=64, help="Width of the generator's last block.")
+    d = parser.add_argument_group("discriminator")
+    d.add_argument(
+        "--disc_trunk",
+        type=str,
+        default="conv",
+        choices=TRUNKS,
+        help="conv, vit or projected (frozen timm features; pair it with --diffusion_gan_preset projected_gan).",
+    )
+    d.add_argument(
+        "--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer / tokens / heads."
+    )
+    d.add_argument("--disc_num_layers", type=int, default=3, help="Conv layers or ViT blocks of the discriminator.")
+    d.add_argument(
+        "--disc_spectral_norm", action="store_true", help="Spectral norm on every trainable discriminator layer."
+    )
+    d.add_argument(
+        "--disc_timm_model_name",
+        type=str,
+        default="resnet18",
+        help="Backbone of the projected trunk (random init unless a local path is given).",
+    )
+    d.add_argument("--disc_timm_pretrained_path", type=str, default=None, help="Local weights for that backbone.")
+    d.add_argument(
+        "--disc_timm_input_size", type=int, default=None, help="Resize inputs before the backbone (ProjectedGAN: 224)."
+    )
+    d.add_argument("--disc_learning_rate", type=float, default=2e-4, help="Discriminator learning rate.")
+    d.add_argument("--disc_adam_beta1", type=float, default=0.0, help="Discriminator Adam β1 (StyleGAN2: 0).")
+    d.add_argument("--disc_adam_beta2", type=float, default=0.99, help="Discriminator Adam β2 (StyleGAN2: 0.99).")
+    a = parser.add_argument_group("Diffusion-GAN")
+    a.add_argument(
+        "--diffusion",
+        type=str,
+        default="adaptive",
+        choices=MODES,
+        help="adaptive (the paper); fixed: T = T_max (ablation); none: no diffusion, a plain GAN (ablation).",
+    )
+    a.add_argument(
+        "--diffusion_gan_preset",
+        type=str,
+        default="stylegan2",
+        choices=sorted(DIFFUSION_GAN_PRESETS),
+        help="Defaults of the official code (METHODS.md §2.2); --diffusion_gan_* flags override single fields.",
+    )
+    add_diffusion_gan_args(a)
+    v = parser.add_argument_group("validation")
+    v.add_argument(
+        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
+    )
+    v.add_argument(
+        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
+    )
+    args = parser.parse_args(argv)
+
+    if args.resolution < 4 or args.resolution & (args.resolution - 1):
+        parser.error(f"--resolution must be a power of two >= 4 for the generator, got {args.resolution}")
+    if args.gradient_accumulation_steps < 1:
+        parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.latent_dim < 1:
+        parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
+    try:
+        args.diffusion_gan = diffusion_gan_config_from_args(args)
+    except ValueError as error:
+        parser.error(f"Diffusion-GAN flags (--diffusion_gan_* / --diffusion): {error}")
+    return args
+
+
+def diffusion_gan_config_from_args(args: argparse.Namespace) -> DiffusionGANConfig:
+    overrides = {}
+    for config_field in dataclasses.fields(DiffusionGANConfig):
+        value = getattr(args, f"diffusion_gan_{config_field.name}", None)
+        if config_field.name not in CONFIG_FIELDS_WITHOUT_FLAG and value is not None:
+            overrides[config_field.name] = value
+    return DiffusionGANConfig(preset=args.diffusion_gan_preset, mode=args.diffusion, **overrides)
+
+
+def build_discriminator(
+    args, config: DiffusionGANConfig, num_channels: int, num_classes: int
+) -> TimestepDiscriminator:
+    return TimestepDiscriminator(
+        in_channels=num_channels,
+        sample_size=args.resolution,
+        trunk=args.disc_trunk,
+        base_channels=args.disc_base_channels,
+        num_layers=args.disc_num_layers,
+        # the projected trunk gets no t (Diffusion-ProjectedGAN); without diffusion t is always 0
+        t_conditioning=args.disc_trunk != "projected" and config.mode != "none",
+        num_classes=num_classes if num_classes and config.class_conditional_disc else None,
+        max_timesteps=config.t_max,
+        spectral_norm=args.disc_spectral_norm,
+        timm_model_name=args.disc_timm_model_name,
+        timm_pretrained_path=args.disc_timm_pretrained_path,
+        timm_input_size=args.disc_timm_input_size,
+    )
+
+
+def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    optimizer_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(params, lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def register_diffusion_hooks(accelerator, diffusion: AdaptiveDiffusion, t_history: list) -> None:
+    """Save the adaptive diffusion state (p, T, t-table, running r_d, table RNG) and the T history with every checkpoint."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            torch.save(diffusion.state_dict(), os.path.join(output_dir, ADAPTIVE_STATE_NAME))
+            with open(os.path.join(output_dir, T_HISTORY_NAME), "w") as f:
+                json.dump(t_history, f)
+
+    def load_hook(models, input_dir):
+        state = torch.load(os.path.join(input_dir, ADAPTIVE_STATE_NAME), map_location="cpu", weights_only=True)
+        diffusion.load_state_dict(state)
+        with open(os.path.join(input_dir, T_HISTORY_NAME)) as f:
+            t_history[:] = json.load(f)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
+    for param in params:
+        param.requires_grad_(flag)
+
+
+# Diffusion-GAN (arXiv 2206.02262) eq. 2, generator side, on diffused generated samples.
+def generator_phase_loss(
+    generator, discriminator, diffusion: AdaptiveDiffusion, z, labels, config: DiffusionGANConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_G(D(y_g, t)) with y_g the diffused G(z) (logistic: softplus(−D)), `[B]`, and its statistics.
+
+    D is frozen by the caller; gradients reach G through y_g."""
+    x_fake = generator(z, class_labels=labels).sample  # [B, C, H, W]
+    return diffusion_gan_generator_loss(discriminator, diffusion, x_fake, labels, config)
+
+
+# Diffusion-GAN (arXiv 2206.02262) eq. 2, discriminator side, with StyleGAN2's lazy R1.
+def discriminator_phase_loss(
+    generator, discriminator, diffusion: AdaptiveDiffusion, x_real, z, labels, config: DiffusionGANConfig, d_step: int
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """L_D on diffused reals and diffused detached fakes G(z) (+ lazy R1), `[B]`, its statistics and the real logits."""
+    with torch.no_grad():  # fakes are detached for D
+        x_fake = generator(z, class_labels=labels).sample  # [B, C, H, W]
+    return diffusion_gan_discriminator_loss(discriminator, diffusion, x_real, x_fake, labels, config, d_step)
+
+
+def plot_T(history: list[list[float]], config: DiffusionGANConfig, path: str) -> None:
+    """T (left axis) and r_d against its target (right axis) over generator steps, written with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, _, lengths, r_d = zip(*history) if history else ((), (), (), ())
+    figure = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    axis.step(steps, lengths, where="post", color="tab:blue", label="T")
+    axis.set_xlabel("generator step")
+    axis.set_ylabel("diffusion length T", color="tab:blue")
+    axis.set_ylim(bottom=0)
+    right = axis.twinx()
+    right.plot(steps, r_d, color="tab:orange", alpha=0.7, label="r_d")
+    right.axhline(config.target, color="tab:orange", linestyle="--", linewidth=0.8)
+    right.set_ylabel("r_d (dashed: target)", color="tab:orange")
+    right.set_ylim(-1.05, 1.05)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
+    return [i % num_classes for i in range(num_images)] if num_classes else None
+
+
+def main(args: argparse.Namespace) -> None:
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    config: DiffusionGANConfig = args.diffusion_gan
+    ratio = config.disc_update_ratio
+    accumulation = args.gradient_accumulation_steps
+
+    # ---- data: the class count and names come from the data and go into the export
+    dataset = load_train_dataset_from_args(args)
+    num_classes, id2label = dataset.num_classes, dataset.id2label
+    logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
+
+    # ---- models, adaptive diffusion, optimizers, EMA
+    generator = GANGenerator(
+        out_channels=dataset.num_channels,
+        sample_size=args.resolution,
+        latent_dim=args.latent_dim,
+        base_channels=args.generator_base_channels,
+        num_classes=num_classes or None,
+    )
+    discriminator = build_discriminator(args, config, dataset.num_channels, num_classes)
+    diffusion = build_adaptive_diffusion(config, seed=args.seed).to(accelerator.device)
+    logger.info(f"Diffusion-GAN: {config}")
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            generator.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=GANGenerator,
+            model_config=generator.config,
+        )
+        ema.to(accelerator.device)
+
+    # the trainable discriminator parameters: the projected trunk's backbone stays frozen throughout
+    d_params = [p for p in discriminator.parameters() if p.requires_grad]
+    g_optimizer = make_optimizer(args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2))
+    d_optimizer = make_optimizer(args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2))
+
+    train_dataloader = make_dataloader(
+        dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
+    )
+    # an optimizer-step slot = `accumulation` micro-batches; a cycle = `ratio` D slots then one G slot
+    slots_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / accumulation)
+    if args.max_train_steps is None:
+        args.max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
+    g_lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=g_optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    d_lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=d_optimizer,
+        num_warmup_steps=args.lr_warmup_steps * ratio * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * ratio * accelerator.num_processes,
+    )
+    generator, discriminator, g_optimizer, d_optimizer, train_dataloader, g_lr_scheduler, d_lr_scheduler = (
+        accelerator.prepare(
+            generator, discriminator, g_optimizer, d_optimizer, train_dataloader, g_lr_scheduler, d_lr_scheduler
+        )
+    )
+    register_model_hooks(accelerator, ["generator", "discriminator"], ema=ema, ema_name="generator_ema")
+    t_history: list[list[float]] = []  # [generator step, p, T, r_d] at the start and after each adjustment of p
+    register_diffusion_hooks(accelerator, diffusion, t_history)
+    slots_per_epoch = math.ceil(len(train_dataloader) / accumulation)
+    num_epochs = math.ceil(args.max_train_steps * (ratio + 1) / slots_per_epoch)
+    unwrapped_generator = accelerator.unwrap_model(generator)
+    unwrapped_discriminator = accelerator.unwrap_model(discriminator)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config.update({f"diffusion_gan.{k}": v for k, v in dataclasses.asdict(config).items()})
+        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config)
+
+    # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = load_train_state(resume_path)["global_step"]
+        next_slot = global_step * (ratio + 1)
+        first_epoch = next_slot // slots_per_epoch
+        skip_batches = (next_slot % slots_per_epoch) * accumulation
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+    if not t_history:
+        t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
+    num_adjustments = diffusion.num_updates // diffusion.ada_interval
+
+    total_batch = args.train_batch_size * accelerator.num_processes * accumulation
+    logger.info(
+        f"Generator steps {args.max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
+        f"epochs {num_epochs}, starting at step {global_step}"
+    )
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    bad_steps = 0
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
+    d_stats: list[dict[str, float]] = []  # per D micro-batch since the last generator step
+    g_stats: list[dict[str, float]] = []  # per G micro-batch of the current generator step
+
+    def optimizer_step(name: str, params, optimizer, lr_scheduler) -> bool:
+        """Clip, then step unless the gradient is non-finite (one host sync per optimizer step); True when stepped."""
+        nonlocal bad_steps
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            lr_scheduler.step()
+            bad_steps = 0
+            return True
+        bad_steps += 1
+        logger.warning(f"Non-finite {name} gradient at step {global_step}: skipped ({bad_steps} in a row).")
+        if bad_steps >= args.max_bad_steps:
+            raise FloatingPointError(
+                f"{bad_steps} consecutive non-finite steps (--max_bad_steps {args.max_bad_steps}); stopping."
+            )
+        return False
+
+    def run_validation(step: int) -> None:
+        if ema is not None:
+            ema.store(unwrapped_generator.parameters())
+            ema.copy_to(unwrapped_generator.parameters())
+        unwrapped_generator.eval()
+        pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
+        pipeline.set_progress_bar_config(disable=True)
+        images = pipeline(
+            class_labels=validation_labels(args.num_validation_images, num_classes),
+            batch_size=args.num_validation_images,
+            generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
+            output_type="np",
+        ).images
+        unwrapped_generator.train()
+        if ema is not None:
+            ema.restore(unwrapped_generator.parameters())
+        log_images(accelerator, "validation", images, step)
+        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+        image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+
+    # ---- loop
+    generator.train()
+    discriminator.train()
+    for epoch in range(first_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        start = skip_batches if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, start) if start else train_dataloader
+        for index, batch in enumerate(batches, start=start):
+            slot = epoch * slots_per_epoch + index // accumulation  # global optimizer-step slot
+            cycle, position = divmod(slot, ratio + 1)
+            x_real = batch["pixel_values"]  # [B, C, H, W] in [-1, 1]
+            labels = batch["class_labels"]  # [B] or None
+
+            if position < ratio:
+                # ---- discriminator phase: diffused reals vs diffused detached fakes (+ lazy R1)
+                with accelerator.accumulate(discriminator):
+                    d_step = cycle * ratio + position  # index of this D optimizer step, for the lazy R1
+                    z = torch.randn(x_real.shape[0], args.latent_dim, device=x_real.device)
+                    loss, stats, real_logits = discriminator_phase_loss(
+                        unwrapped_generator, discriminator, diffusion, x_real, z, labels, config, d_step
+                    )
+                    accelerator.backward(loss.mean())
+                    window_real_logits.append(real_logits)
+                    d_stats.append(stats)
+                    if accelerator.sync_gradients:
+                        if optimizer_step("discriminator", d_params, d_optimizer, d_lr_scheduler):
+                            # once per D optimizer step, on the global batch of real logits: r_d -> p -> T
+                            diffusion.update(accelerator.gather(torch.cat(window_real_logits)))
+                        window_real_logits.clear()
+                    d_optimizer.zero_grad(set_to_none=True)
+                continue
+
+            # ---- generator phase: D frozen, gradients reach G through the diffused fakes
+            set_requires_grad(d_params, False)
+            with accelerator.accumulate(generator):
+                z = torch.randn(x_real.shape[0], args.latent_dim, device=x_real.device)
+                loss, stats = generator_phase_loss(generator, unwrapped_discriminator, diffusion, z, labels, config)
+                accelerator.backward(loss.mean())
+                g_stats.append(stats)
+                if accelerator.sync_gradients:
+                    optimizer_step("generator", generator.parameters(), g_optimizer, g_lr_scheduler)
+                g_optimizer.zero_grad(set_to_none=True)
+            set_requires_grad(d_params, True)
+            if not accelerator.sync_gradients:
+                continue
+
+            if ema is not None:
+                ema.step(unwrapped_generator.parameters())
+            global_step += 1
+            progress.update(1)
+            if diffusion.num_updates // diffusion.ada_interval != num_adjustments:
+                num_adjustments = diffusion.num_updates // diffusion.ada_interval
+                t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
+            # the building blocks return python floats: no host sync beyond theirs
+            logs = {
+                "g_loss": mean([s["g_adv_loss"] for s in g_stats]),
+                **{k: mean([s[k] for s in d_stats]) for k in ("d_loss", "d_real_acc", "d_fake_acc")},
+                **{k: mean([s[k] for s in d_stats]) for k in ("d_real_logit_mean", "d_fake_logit_mean")},
+                **diffusion.stats(),
+                "lr": g_lr_scheduler.get_last_lr()[0],
+                "disc_lr": d_lr_scheduler.get_last_lr()[0],
+            }
+            r1 = [s["r1"] for s in d_stats if not math.isnan(s["r1"])]
+            if r1:
+                logs["r1"] = mean(r1)
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value
+            g_stats.clear()
+            d_stats.clear()
+            progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    global_step,
+                    {"epoch": epoch, "bad_steps": bad_steps},
+                    args.checkpoints_total_limit,
+                )
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                run_validation(global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # ---- export: a pipeline folder with EMA weights, discriminator/, T.png, a model card and a pipeline.py
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unwrapped_generator.parameters())
+        assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
+        pipeline = DiffusionGANPipeline(gan=unwrapped_generator.eval(), id2label=id2label)
+
+        def write(folder: str) -> None:
+            pipeline.save_pretrained(folder)
+            unwrapped_discriminator.save_pretrained(os.path.join(folder, "discriminator"))
+            copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
+            with open(os.path.join(folder, T_HISTORY_NAME), "w") as f:
+                json.dump(t_history, f)
+            plot_T(
+                t_history + [[global_step, diffusion.p, diffusion.T, diffusion.r_d]],
+                config,
+                os.path.join(folder, "T.png"),
+            )
+            data = args.dataset_name or args.train_data_dir or "the embedded scikit-learn digits (8x8, 10 classes)"
+            disc = unwrapped_discriminator.config
+            write_model_card(
+                folder,
+                "One-step GAN generator trained with Diffusion-GAN (sadm)",
+                [
+                    f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
+                    f"- Generator: `GANGenerator`, {sum(p.numel() for p in unwrapped_generator.parameters()) / 1e6:.2f}M "
+                    f"parameters, latent_dim {args.latent_dim}; EMA: {args.use_ema}.",
+                    f"- Discriminator (`discriminator/`): `TimestepDiscriminator`, trunk {disc.trunk}, t-conditioned "
+                    f"{disc.t_conditioning}, class-conditional {disc.num_classes is not None}.",
+                    f"- Diffusion-GAN: preset {config.preset}, diffusion {config.mode}, loss {config.loss_type}, "
+                    f"R1 γ {config.r1_gamma}, T in [{config.t_min}, {config.t_max}], final p {diffusion.p:.4f} and "
+                    f"T {diffusion.T} (`T.png`, `T_history.json`); {global_step} generator steps, {ratio} D step(s) "
+                    f"each, batch {total_batch}.",
+                    f"- Sampler sadm {sadm.__version__}: `DiffusionGANPipeline` (one forward pass). Loading needs sadm "
+                    "installed: the generator class is `sadm.models.generator.GANGenerator`, which `pipeline.py` "
+                    "does not define.",
+                ],
+            )
+
+        atomic_save_pretrained(args.output_dir, write)
+        logger.info(f"Pipeline written to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
