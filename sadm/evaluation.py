@@ -110,7 +110,9 @@ def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return batch
 
 
-def _shard(dataset: Dataset, batch_size: int, accelerator: Accelerator, collate_fn=None, num_workers: int = 0) -> DataLoader:
+def _shard(
+    dataset: Dataset, batch_size: int, accelerator: Accelerator, collate_fn=None, num_workers: int = 0
+) -> DataLoader:
     """A DataLoader whose batches are split over processes (not registered with the accelerator: no checkpoint state)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
     return prepare_data_loader(
@@ -146,7 +148,8 @@ def _concat_in_order(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {key: value[order] for key, value in out.items()}
 
 
-def _check_metrics(metrics, feature_network: torch.nn.Module, classifier) -> None:
+def check_metrics(metrics, feature_network: torch.nn.Module, classifier) -> None:
+    """Fail before any work when a requested metric cannot be computed with these networks."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"--metrics {unknown} are unknown; choose from {METRICS}.")
@@ -166,12 +169,14 @@ def extract_features(
     with_logits: bool = False,
     classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
     desc: str = "features",
+    num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Features of every image of a dataset (items `{"pixel_values": [C, H, W] in [-1, 1], "class_labels"?}`).
 
     Returns:
         `dict` with `features` `[N, D]`, plus `logits` (feature network's, when `with_logits`), `class_logits` (when a
-        `classifier` is given) and `labels` (when the dataset is labeled); on `accelerator.device`, identical on all processes.
+        `classifier` is given) and `labels` (when the dataset is labeled), in dataset order, on `accelerator.device`,
+        identical on all processes.
     """
     if len(dataset) == 0:
         raise ValueError(f"The {desc} dataset is empty.")
@@ -209,7 +214,8 @@ def sample_features(
     """Generate `num_samples` images with a pipeline (equal numbers per class when conditional) and extract features.
 
     The pipeline must already be on `accelerator.device` and take `class_labels`, `batch_size`, `num_inference_steps`,
-    `guidance_scale`, `generator` and `output_type="pt"` (images in [0, 1]). Its progress bar is switched off.
+    `guidance_scale`, `generator` (a list with one generator per image, as diffusers pipelines accept) and
+    `output_type="pt"` (images in [0, 1]). Its progress bar is switched off.
 
     Args:
         num_classes (`int`, *optional*): class count (0: unconditional); default `pipeline.num_classes`.
@@ -266,12 +272,12 @@ def compute_reference_statistics(
     batch_size: int = 64,
     num_samples: int | None = None,
     seed: int = 0,
+    num_workers: int = 0,
 ) -> FeatureStatistics:
     """Reference statistics of a dataset, carrying the raw features (`.features`, for KID and precision/recall) and the
     network identity (`.feature_network_id`). Compute once and pass to `evaluate_pipeline` at every evaluation."""
-    out = extract_features(
-        feature_network, reference_subset(dataset, num_samples, seed), accelerator, batch_size, desc="reference"
-    )
+    subset = reference_subset(dataset, num_samples, seed)
+    out = extract_features(feature_network, subset, accelerator, batch_size, desc="reference", num_workers=num_workers)
     stats = FeatureStatistics.from_features(out["features"])
     stats.features = out["features"]
     stats.feature_network_id = feature_network.identity
@@ -367,7 +373,7 @@ def evaluate_pipeline(
         `dict` of floats: `fid`, `kid_mean`, `kid_std`, `precision`, `recall`, `is_mean`, `is_std`, `accuracy` (those asked).
     """
     accelerator = accelerator or Accelerator()
-    _check_metrics(metrics, feature_network, classifier)
+    check_metrics(metrics, feature_network, classifier)
     reference = _as_reference(reference_dataset, feature_network, accelerator, batch_size, num_reference_samples, seed)
     fake = sample_features(
         pipeline,
@@ -401,7 +407,7 @@ def evaluate_samples(
 ) -> dict[str, float]:
     """As `evaluate_pipeline`, for images already generated (`load_images_npz`, `load_image_folder`, any dataset)."""
     accelerator = accelerator or Accelerator()
-    _check_metrics(metrics, feature_network, classifier)
+    check_metrics(metrics, feature_network, classifier)
     reference = _as_reference(reference_dataset, feature_network, accelerator, batch_size, num_reference_samples, seed)
     fake = extract_features(
         feature_network,

@@ -45,15 +45,21 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs when --max_train_steps is not given.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate (DiT: 1e-4).")
+    g.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate. Default: 1e-4 (DiT) for the DiT-* presets and pretrained models, 1e-3 for the tiny preset "
+        "(measured on the digits default: docs/DIGITS.md).",
+    )
     g.add_argument(
         "--lr_scheduler",
         type=str,
-        default="constant",
+        default="constant_with_warmup",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="diffusers' get_scheduler name.",
     )
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    g.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up optimizer steps.")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses AdamW without weight decay.")
@@ -349,15 +355,16 @@ def copy_pipeline_file(source_file: str, output_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------- images
-def image_grid(images: np.ndarray, rows: int | None = None) -> Image.Image:
-    """Float NHWC images in [0, 1] -> one PIL grid."""
+def image_grid(images: np.ndarray, rows: int | None = None, padding: int = 1) -> Image.Image:
+    """Float NHWC images in [0, 1] -> one PIL grid with `padding` mid-grey pixels between cells."""
     n, h, w, c = images.shape
     rows = rows or int(math.ceil(math.sqrt(n)))
     cols = int(math.ceil(n / rows))
-    grid = np.ones((rows * h, cols * w, c), dtype=np.float32)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 0.5, dtype=np.float32)
     for i, image in enumerate(images):
         r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = image
     array = (grid * 255).round().astype(np.uint8)
     return Image.fromarray(array[..., 0], mode="L") if c == 1 else Image.fromarray(array)
 

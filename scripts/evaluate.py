@@ -30,6 +30,7 @@ import sadm  # noqa: F401  registers sadm's pipeline classes on diffusers, so Di
 from sadm.data import add_data_args, load_train_dataset_from_args
 from sadm.evaluation import (
     METRICS,
+    check_metrics,
     compute_metrics,
     compute_reference_statistics,
     extract_features,
@@ -162,6 +163,7 @@ def main(args: argparse.Namespace) -> dict:
                 digits = DigitsFeatures(resolution=args.resolution, cache_dir=args.classifier_cache_dir)
         classifier = digits.to(accelerator.device).logits
         logger.info(f"accuracy: digit classifier {digits.identity} (held-out accuracy {digits.heldout_accuracy:.4f})")
+    check_metrics(args.metrics, feature_network, classifier)
 
     # reference
     if args.reference_stats is not None:
@@ -174,7 +176,13 @@ def main(args: argparse.Namespace) -> dict:
             dataset = load_train_dataset_from_args(args)
             reference_source = args.dataset_name or args.train_data_dir or "digits (scikit-learn load_digits)"
         reference = compute_reference_statistics(
-            feature_network, dataset, accelerator, args.batch_size, args.num_reference_samples, args.seed
+            feature_network,
+            dataset,
+            accelerator,
+            args.batch_size,
+            args.num_reference_samples,
+            args.seed,
+            num_workers=args.dataloader_num_workers,
         )
         if args.save_reference_stats is not None and accelerator.is_main_process:
             reference.save_npz(args.save_reference_stats, feature_network.identity, features=reference.features)
@@ -205,7 +213,14 @@ def main(args: argparse.Namespace) -> dict:
         else:
             raise ValueError(f"--samples {samples} is neither a pipeline folder, an .npz, nor a folder of PNGs.")
         fake = extract_features(
-            feature_network, dataset, accelerator, args.batch_size, with_logits, classifier, "samples"
+            feature_network,
+            dataset,
+            accelerator,
+            args.batch_size,
+            with_logits,
+            classifier,
+            "samples",
+            num_workers=args.dataloader_num_workers,
         )
 
     results = compute_metrics(

@@ -7,7 +7,6 @@ python scripts/sample.py --pipeline runs/digits --output_dir runs/digits/samples
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np

@@ -491,8 +491,7 @@ def main(args: argparse.Namespace) -> None:
             # the building blocks return python floats: no host sync beyond theirs
             logs = {
                 "g_loss": mean([s["g_adv_loss"] for s in g_stats]),
-                **{k: mean([s[k] for s in d_stats]) for k in ("d_loss", "d_real_acc", "d_fake_acc")},
-                **{k: mean([s[k] for s in d_stats]) for k in ("d_real_logit_mean", "d_fake_logit_mean")},
+                **{k: mean([s[k] for s in d_stats]) for k in MONITORS if k.startswith("d_")},
                 **diffusion.stats(),
                 "lr": g_lr_scheduler.get_last_lr()[0],
                 "disc_lr": d_lr_scheduler.get_last_lr()[0],

@@ -168,6 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"--resolution {args.resolution} is not divisible by the patch size {patch} of --model {args.model}"
             )
+    if args.learning_rate is None:  # the paper's 1e-4 for real DiTs; the tiny CPU preset needs more (docs/DIGITS.md)
+        tiny = (
+            args.model == "tiny"
+            and args.pretrained_model_name_or_path is None
+            and args.model_config_name_or_path is None
+        )
+        args.learning_rate = 1e-3 if tiny else 1e-4
     try:  # validate the method configs before any work is done
         args.structure = dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS)
         args.diffusion_gan = dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS)

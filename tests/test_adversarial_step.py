@@ -13,7 +13,7 @@ from sadm.losses import denoising_loss, predict_x0
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
-from sadm.structure import StructureConfig, structure_discriminator_loss, structure_denoiser_loss
+from sadm.structure import StructureConfig, structure_denoiser_loss, structure_discriminator_loss
 
 
 def perturbed_dit():

@@ -311,11 +311,11 @@ def test_evaluate_samples_on_real_digits(digits_features):
     assert results["is_mean"] > 5  # ten confidently recognised classes
 
 
-def test_evaluate_pipeline_tiny_dit_is_deterministic(digits_features):
+def test_evaluate_pipeline_tiny_dit_is_deterministic_and_batch_invariant(digits_features):
     from diffusers import DDPMScheduler
     from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 
-    from sadm.evaluation import evaluate_pipeline
+    from sadm.evaluation import ImageTensorDataset, compute_reference_statistics, evaluate_pipeline, uint8_to_tensor
     from sadm.models.dit import build_dit
 
     torch.manual_seed(0)
@@ -325,18 +325,19 @@ def test_evaluate_pipeline_tiny_dit_is_deterministic(digits_features):
         id2label={i: str(i) for i in range(10)},
     )
     images, _ = _digits_uint8(100)
-    from sadm.evaluation import ImageTensorDataset, compute_reference_statistics, uint8_to_tensor
-
     reference = compute_reference_statistics(
         digits_features, ImageTensorDataset(uint8_to_tensor(images)), batch_size=50
     )
-    kwargs = dict(num_inference_steps=2, batch_size=8, classifier=digits_features.logits, kid_subsets=5)
+    assert reference.feature_network_id == digits_features.identity and reference.features.shape == (100, 128)
+    kwargs = dict(num_inference_steps=2, classifier=digits_features.logits, kid_subsets=5)
     metrics = ["fid", "kid", "precision", "recall", "is", "accuracy"]
-    first = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, **kwargs)
-    second = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, **kwargs)
-    assert first == second
-    assert all(math.isfinite(v) for v in first.values())
-    assert first["fid"] > 0
+    first = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, batch_size=8, **kwargs)
+    again = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, batch_size=8, **kwargs)
+    assert first == again
+    # every sample has its own seeded generator: other batch sizes give the same images, hence the same numbers
+    other_batches = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, batch_size=6, **kwargs)
+    assert other_batches == pytest.approx(first, rel=1e-5)
+    assert all(math.isfinite(v) for v in first.values()) and first["fid"] > 0
 
 
 def test_evaluate_script_npz_end_to_end(tmp_path, digits_cache, digits_features):
@@ -382,3 +383,23 @@ def test_evaluate_script_npz_end_to_end(tmp_path, digits_cache, digits_features)
     again = evaluate_script.main(evaluate_script.parse_args(second))
     for key in ("fid", "kid_mean", "precision", "recall"):
         assert again[key] == pytest.approx(report[key], rel=1e-5, abs=1e-7)
+
+
+def test_image_folder_and_npz_loaders(tmp_path):
+    from PIL import Image
+
+    from sadm.evaluation import load_image_folder, load_images_npz
+
+    images, labels = _digits_uint8(5)
+    for index, image in enumerate(images):
+        Image.fromarray(image[..., 0], mode="L").save(tmp_path / f"{index:03d}.png")
+    from_folder = load_image_folder(tmp_path)
+    assert from_folder.images.shape == (5, 1, 8, 8) and from_folder.labels is None
+    np.savez(tmp_path / "s.npz", images=images[..., 0], labels=labels)
+    from_npz = load_images_npz(tmp_path / "s.npz", num_samples=4)
+    torch.testing.assert_close(from_npz.images, from_folder.images[:4])
+    assert from_npz.labels.tolist() == labels[:4].tolist()
+    assert from_npz.images.min() >= -1 and from_npz.images.max() <= 1
+    np.savez(tmp_path / "bad.npz", images=images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        load_images_npz(tmp_path / "bad.npz")

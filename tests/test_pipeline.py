@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
-from helpers import REPO
+from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 
 import sadm
 from sadm.models.dit import build_dit
-from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from sadm.training import copy_pipeline_file
 
 

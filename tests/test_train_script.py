@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from helpers import run_script, write_class_folder
+from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from safetensors.torch import load_file
 
-from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from sadm.training import list_checkpoints
 
 TINY = [
