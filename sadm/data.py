@@ -87,8 +87,13 @@ def _label_table(raw_labels: list) -> tuple[list[int], dict[int, str]]:
     return [index[str(v)] for v in raw_labels], dict(enumerate(names))
 
 
-def _read_metadata(folder: Path, label_column: str | None) -> tuple[list[Path], list | None]:
-    """Files and raw labels from `metadata.csv` or `metadata.jsonl` (column `file_name`, as 🤗 imagefolder uses)."""
+def _read_metadata(
+    folder: Path, label_column: str | None, on_bad_image: str = "error"
+) -> tuple[list[Path], list | None]:
+    """Files and raw labels from `metadata.csv` or `metadata.jsonl` (column `file_name`, as 🤗 imagefolder uses).
+
+    A row without a label stops the run naming it (`on_bad_image="error"`) or is dropped with one warning ("skip").
+    """
     csv_path, jsonl_path = folder / "metadata.csv", folder / "metadata.jsonl"
     if csv_path.exists():
         with open(csv_path, newline="") as f:
@@ -106,30 +111,46 @@ def _read_metadata(folder: Path, label_column: str | None) -> tuple[list[Path], 
         return files, None
     if label_column not in columns:
         raise ValueError(f"--label_column '{label_column}' is not a column of {source}; columns are {columns}.")
-    labels = []
-    for line, row in enumerate(rows, start=2 if source == csv_path else 1):
+    kept_files, labels, unlabeled = [], [], []
+    for line, (path, row) in enumerate(zip(files, rows), start=2 if source == csv_path else 1):
         value = row.get(label_column)
         if value is None or value == "":
-            raise ValueError(
-                f"{source}, row {line} ({row['file_name']}): missing value in label column '{label_column}'."
-            )
+            description = f"{source}, row {line} ({row['file_name']})"
+            if on_bad_image == "error":
+                raise ValueError(
+                    f"{description}: missing value in label column '{label_column}' "
+                    "(--on_bad_image skip drops such rows)."
+                )
+            unlabeled.append(description)
+            continue
+        kept_files.append(path)
         labels.append(value)
-    return files, labels
+    if unlabeled:
+        warnings.warn(
+            f"--on_bad_image skip: dropped {len(unlabeled)} row(s) without a value in label column '{label_column}', "
+            f"e.g. {unlabeled[:3]}.",
+            stacklevel=3,
+        )
+    if not kept_files:
+        raise ValueError(f"{source}: no row has a value in label column '{label_column}'.")
+    return kept_files, labels
 
 
 def scan_image_folder(
-    folder: str | os.PathLike, label_column: str | None = "label"
+    folder: str | os.PathLike, label_column: str | None = "label", on_bad_image: str = "error"
 ) -> tuple[list[Path], list[int] | None, dict[int, str] | None]:
     """Files, label ids and `id2label` of an image folder.
 
     Layouts: `metadata.csv`/`metadata.jsonl` with a `file_name` column (labels from `label_column`), or class subfolders
-    (`folder/<class name>/<image>`), or a flat folder of images (unlabeled).
+    (`folder/<class name>/<image>`), or a flat folder of images (unlabeled). Metadata rows without a label and files
+    named in the metadata that do not exist stop the scan (`on_bad_image="error"`) or are dropped with a warning ("skip").
     """
+    check_on_bad_image(on_bad_image)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} does not exist or is not a folder.")
     if any((folder / name).exists() for name in METADATA_FILES):
-        files, raw = _read_metadata(folder, label_column)
+        files, raw = _read_metadata(folder, label_column, on_bad_image)
     else:
         subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if subdirs:
@@ -146,23 +167,75 @@ def scan_image_folder(
             raw = None
     if not files:
         raise ValueError(f"--train_data_dir {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    missing = [str(p) for p in files if not p.exists()]
+    missing = [i for i, p in enumerate(files) if not p.exists()]
+    if missing and on_bad_image == "error":
+        raise FileNotFoundError(
+            f"Files named in the metadata of {folder} do not exist: {[str(files[i]) for i in missing[:5]]}"
+        )
     if missing:
-        raise FileNotFoundError(f"Files named in the metadata of {folder} do not exist: {missing[:5]}")
+        warnings.warn(
+            f"--on_bad_image skip: dropped {len(missing)} file(s) named in the metadata of {folder} that do not exist, "
+            f"e.g. {[str(files[i]) for i in missing[:3]]}.",
+            stacklevel=2,
+        )
+        gone = set(missing)
+        files = [p for i, p in enumerate(files) if i not in gone]
+        raw = [v for i, v in enumerate(raw) if i not in gone] if raw is not None else None
+        if not files:
+            raise FileNotFoundError(f"None of the files named in the metadata of {folder} exist.")
     if raw is None:
         return files, None, None
     labels, id2label = _label_table(raw)
     return files, labels, id2label
 
 
-def check_images_readable(paths: list[Path]) -> None:
-    """Open every image header once, before training starts, so a bad file is named up front."""
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"Cannot read image {path}: {error}") from error
+def check_on_bad_image(on_bad_image: str) -> None:
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+
+
+def image_error(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be used as a training image, or None when it decodes completely.
+
+    `verify()` checks the container (PNG chunk CRCs, a missing IEND) but not every truncation of the pixel data, and
+    `load()` decodes the pixels but stops before the trailing chunks: both are run (about 0.1 ms for a small PNG).
+    """
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> list[int]:
+    """Decode every image once, before training starts, so a bad file is named up front; returns the readable indices.
+
+    Args:
+        paths (`list[Path]`): the image files.
+        on_bad_image (`str`): "error" stops at the first unreadable or truncated file, naming it; "skip" drops such files
+            and warns once with their count and a few of their names.
+    """
+    check_on_bad_image(on_bad_image)
+    readable, bad = [], []
+    for index, path in enumerate(paths):
+        error = image_error(path)
+        if error is None:
+            readable.append(index)
+        elif on_bad_image == "error":
+            raise ValueError(f"Cannot read image {path}: {error} (--on_bad_image skip drops unreadable files).")
+        else:
+            bad.append(f"{path} ({error})")
+    if bad:
+        warnings.warn(
+            f"--on_bad_image skip: dropped {len(bad)} of {len(paths)} image(s) that cannot be read, e.g. {bad[:3]}.",
+            stacklevel=2,
+        )
+    if not readable:
+        raise ValueError(f"None of the {len(paths)} images can be read (first: {bad[0]}).")
+    return readable
 
 
 def image_channels(image: Image.Image) -> int:
@@ -172,9 +245,11 @@ def image_channels(image: Image.Image) -> int:
 def to_mode(image: Image.Image, num_channels: int) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to "L" or "RGB"."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit / float greyscale: rescale to 8 bit instead of clipping at 255
+        # 16-bit / 32-bit / float greyscale: rescale to 8 bit instead of clipping at 255. I;16 is always a 16-bit range
+        # (a dark 16-bit image stays dark); mode I (older decoders' 16-bit PNGs) is taken as 16-bit once it exceeds 255.
         array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and array.max() > 255)
+        scale = 65535.0 if sixteen_bit else 255.0
         image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).round().astype(np.uint8), mode="L")
     if image.mode == "P" or image.mode == "LA" or image.mode == "RGBA":
         image = image.convert("RGBA").convert("RGB") if num_channels == 3 else image.convert("L")
@@ -292,6 +367,7 @@ def load_train_dataset(
     num_channels: int | None = None,
     cache_dir: str | None = None,
     unconditional: bool = False,
+    on_bad_image: str = "error",
 ) -> ImageLabelDataset:
     """Build the training set from whichever source is given (see the module docstring).
 
@@ -300,7 +376,11 @@ def load_train_dataset(
             present and otherwise the data is unlabeled; any other name must exist.
         num_channels (`int`, *optional*): 1 or 3; by default taken from the first image.
         unconditional (`bool`): ignore labels even when the data has them.
+        on_bad_image (`str`): "error" (default) stops on an unreadable or truncated image file, or a row without a label,
+            naming it; "skip" drops them with one warning giving their count and a few names. Image files are decoded
+            once up front; 🤗 dataset rows are checked for labels only (their images decode lazily).
     """
+    check_on_bad_image(on_bad_image)
     if dataset_name is not None and train_data_dir is not None:
         raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
     if resolution < 1:
@@ -324,10 +404,20 @@ def load_train_dataset(
                 )
             raw = data[label_column]
             missing = [i for i, v in enumerate(raw) if v is None]
-            if missing:
+            if missing and on_bad_image == "error":
                 raise ValueError(
-                    f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}'."
+                    f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}' "
+                    "(--on_bad_image skip drops them)."
                 )
+            if missing:
+                warnings.warn(
+                    f"--on_bad_image skip: dropped {len(missing)} row(s) of {dataset_name} without a value in "
+                    f"'{label_column}', e.g. rows {missing[:3]}.",
+                    stacklevel=2,
+                )
+                gone = set(missing)
+                data = data.select([i for i in range(len(raw)) if i not in gone])
+                raw = data[label_column]
             feature = data.features[label_column]
             if hasattr(feature, "names"):  # datasets.ClassLabel
                 labels, id2label = [int(v) for v in raw], dict(enumerate(feature.names))
@@ -355,11 +445,14 @@ def load_train_dataset(
         num_items = len(data)
     else:
         folder = Path(train_data_dir) if train_data_dir is not None else digits_image_folder(cache_dir)
-        files, labels, id2label = scan_image_folder(folder, label_column)
+        files, labels, id2label = scan_image_folder(folder, label_column, on_bad_image)
         if max_train_samples is not None:
             files = files[:max_train_samples]
             labels = labels[:max_train_samples] if labels is not None else None
-        check_images_readable(files)
+        readable = check_images_readable(files, on_bad_image)
+        if len(readable) < len(files):  # ids and id2label stay those of the full scan
+            files = [files[i] for i in readable]
+            labels = [labels[i] for i in readable] if labels is not None else None
 
         def load_image(index: int) -> Image.Image:
             return _open(files[index])
@@ -412,6 +505,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3)."
     )
+    group.add_argument(
+        "--on_bad_image",
+        type=str,
+        default="error",
+        choices=["error", "skip"],
+        help="Unreadable/truncated image files and rows without a label: stop naming the first (error) or drop them "
+        "with one warning (skip).",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     group.add_argument(
         "--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder."
@@ -432,4 +533,5 @@ def load_train_dataset_from_args(args: argparse.Namespace) -> ImageLabelDataset:
         num_channels=args.num_channels,
         cache_dir=args.data_cache_dir,
         unconditional=args.unconditional,
+        on_bad_image=getattr(args, "on_bad_image", "error"),  # scripts built without the flag keep the strict default
     )

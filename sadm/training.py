@@ -8,12 +8,14 @@ never save non-finite weights, restore every piece of state on resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import typing
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -233,7 +235,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if final.exists():
             raise FileExistsError(f"Checkpoint {final} already exists; refusing to overwrite it.")
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in Path(output_dir).glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # saves killed mid-way, this one included
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -244,10 +247,25 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int) -> None:
+    """Keep the newest `total_limit` (at least one) complete checkpoints.
+
+    Each pruned folder is first renamed to `.tmp-pruned-checkpoint-N` (atomic), then deleted: a process killed while
+    deleting leaves a hidden leftover that `list_checkpoints` ignores (and the next pruning removes), never a half-deleted
+    `checkpoint-N` that still looks complete.
+    """
+    root = Path(output_dir)
+    for leftover in root.glob(f".tmp-pruned-{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in list_checkpoints(root)[: -max(total_limit, 1)]:
+        doomed = root / f".tmp-pruned-{old.name}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -301,14 +319,23 @@ def register_model_hooks(
 
 # ---------------------------------------------------------------------------------------------------------------- export
 def atomic_save_pretrained(output_dir: str, write) -> None:
-    """Run `write(tmp_dir)` and move each written entry into output_dir, replacing older ones only once all is written."""
+    """Run `write(tmp_dir)` and move each written entry into output_dir, replacing older ones only once all is written.
+
+    `output_dir` also holds the checkpoints, so the export cannot be one rename: the entries are moved one by one, with
+    `model_index.json` (what `DiffusionPipeline.from_pretrained` reads first) removed before and moved in last. A process
+    killed during the moves leaves a folder without `model_index.json` (fails to load, loudly), never one that loads a
+    mix of old and new weights; killed during `write`, the previous export is untouched.
+    """
     root = Path(output_dir)
     tmp = root / ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(str(tmp))
     _fsync_dir(tmp)
-    for entry in sorted(tmp.iterdir()):
+    index = root / "model_index.json"
+    if (tmp / "model_index.json").exists() and index.exists():
+        os.remove(index)
+    for entry in sorted(tmp.iterdir(), key=lambda p: (p.name == "model_index.json", p.name)):
         target = root / entry.name
         if target.is_dir():
             old = root / f".old-{entry.name}"
@@ -321,7 +348,8 @@ def atomic_save_pretrained(output_dir: str, write) -> None:
     shutil.rmtree(tmp)
 
 
-def write_model_card(output_dir: str, title: str, lines: list[str]) -> None:
+def write_model_card(output_dir: str, title: str, lines: list[str], loads_without_sadm: bool = True) -> None:
+    """README.md of an export: what was trained, how to load it, and the command that produced it."""
     command = " ".join(["accelerate launch"] + [a if " " not in a else repr(a) for a in sys.argv])
     text = [
         "---",
@@ -338,7 +366,9 @@ def write_model_card(output_dir: str, title: str, lines: list[str]) -> None:
         "from diffusers import DiffusionPipeline",
         "pipe = DiffusionPipeline.from_pretrained('PATH')",
         "```",
-        "Without installing sadm: `DiffusionPipeline.from_pretrained('PATH', custom_pipeline='pipeline', trust_remote_code=True)`.",
+        "Without installing sadm: `DiffusionPipeline.from_pretrained('PATH', custom_pipeline='pipeline', trust_remote_code=True)`."
+        if loads_without_sadm
+        else "Loading needs sadm installed (the model class lives in sadm).",
         "",
         "## Command",
         "```",
@@ -381,36 +411,40 @@ def log_images(accelerator: Accelerator, name: str, images: np.ndarray, step: in
 
 # ----------------------------------------------------------------------------------------------- method configs as flags
 def add_dataclass_args(
-    parser: argparse.ArgumentParser, config_cls, prefix: str, rename: dict[str, str] | None = None
+    parser: argparse.ArgumentParser,
+    config_cls,
+    prefix: str,
+    rename: dict[str, str] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> None:
     """One flag per field of a method's dataclass config (`--<prefix><field>`, or `rename[field]`), help text from the field.
 
     Defaults are left to the dataclass (argparse default None = "not given"), so the config stays the one source of defaults.
     """
-    import dataclasses
-
     rename = rename or {}
+    hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(config_cls.__name__)
     for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
         flag = "--" + rename.get(f.name, prefix + f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        type_name = str(f.type)
-        if type_name.startswith("bool"):
+        value_type = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
+        if value_type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = float if "float" in type_name else int if "int" in type_name else str
-            group.add_argument(flag, type=kind, default=None, help=help_text)
+            group.add_argument(flag, type=value_type, default=None, help=help_text)
 
 
-def dataclass_from_args(config_cls, args: argparse.Namespace, prefix: str, rename: dict[str, str] | None = None):
+def dataclass_from_args(
+    config_cls, args: argparse.Namespace, prefix: str, rename: dict[str, str] | None = None, skip: tuple[str, ...] = ()
+):
     """Build the config from the flags added by `add_dataclass_args`; fields whose flag was not given keep their default."""
-    import dataclasses
-
     rename = rename or {}
     values = {}
     for f in dataclasses.fields(config_cls):
-        value = getattr(args, rename.get(f.name, prefix + f.name))
+        value = None if f.name in skip else getattr(args, rename.get(f.name, prefix + f.name))
         if value is not None:
             values[f.name] = value
     return config_cls(**values)

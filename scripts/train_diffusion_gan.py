@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import typing
 
 import torch
 from accelerate.logging import get_logger
@@ -38,9 +37,8 @@ from tqdm.auto import tqdm
 
 import sadm
 from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
-from sadm.diffusion_augment import DIFFUSION_GAN_PRESETS, AdaptiveDiffusion
+from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
-    MODES,
     DiffusionGANConfig,
     build_adaptive_diffusion,
     diffusion_gan_discriminator_loss,
@@ -49,11 +47,13 @@ from sadm.diffusion_gan import (
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
+    add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
     atomic_save_pretrained,
     check_output_dir,
     copy_pipeline_file,
+    dataclass_from_args,
     image_grid,
     load_train_state,
     log_images,
@@ -69,34 +69,8 @@ logger = get_logger(__name__)
 
 ADAPTIVE_STATE_NAME = "adaptive_diffusion.pt"
 T_HISTORY_NAME = "T_history.json"
-# DiffusionGANConfig fields without a --diffusion_gan_<field> flag: `weight` only applies to the DiT trainer,
-# `preset` and `mode` have their own flags (--diffusion_gan_preset, --diffusion)
-CONFIG_FIELDS_WITHOUT_FLAG = ("weight", "preset", "mode")
 # logged every step and shown in the progress bar
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
-
-
-def add_diffusion_gan_args(group: argparse._ArgumentGroup) -> None:
-    """`--diffusion_gan_<field>` for every DiffusionGANConfig field (help text from the config); None keeps the preset."""
-    hints = typing.get_type_hints(DiffusionGANConfig)
-    for config_field in dataclasses.fields(DiffusionGANConfig):
-        if config_field.name in CONFIG_FIELDS_WITHOUT_FLAG:
-            continue
-        value_type = next(
-            t
-            for t in (typing.get_args(hints[config_field.name]) or (hints[config_field.name],))
-            if t is not type(None)
-        )
-        help_text = config_field.metadata["help"]
-        if value_type is bool:
-            group.add_argument(
-                f"--diffusion_gan_{config_field.name}",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-        else:
-            group.add_argument(f"--diffusion_gan_{config_field.name}", type=value_type, default=None, help=help_text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,22 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--disc_learning_rate", type=float, default=2e-4, help="Discriminator learning rate.")
     d.add_argument("--disc_adam_beta1", type=float, default=0.0, help="Discriminator Adam β1 (StyleGAN2: 0).")
     d.add_argument("--disc_adam_beta2", type=float, default=0.99, help="Discriminator Adam β2 (StyleGAN2: 0.99).")
-    a = parser.add_argument_group("Diffusion-GAN")
-    a.add_argument(
-        "--diffusion",
-        type=str,
-        default="adaptive",
-        choices=MODES,
-        help="adaptive (the paper); fixed: T = T_max (ablation); none: no diffusion, a plain GAN (ablation).",
-    )
-    a.add_argument(
-        "--diffusion_gan_preset",
-        type=str,
-        default="stylegan2",
-        choices=sorted(DIFFUSION_GAN_PRESETS),
-        help="Defaults of the official code (METHODS.md §2.2); --diffusion_gan_* flags override single fields.",
-    )
-    add_diffusion_gan_args(a)
+    # --diffusion adaptive|fixed|none (the config's `mode`) and --diffusion_gan_<field> for every other field;
+    # `weight` is the DiT trainer's λ_adv and has no meaning here
+    add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",))
     v = parser.add_argument_group("validation")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
@@ -168,19 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
     try:
-        args.diffusion_gan = diffusion_gan_config_from_args(args)
+        args.diffusion_gan = dataclass_from_args(
+            DiffusionGANConfig, args, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",)
+        )
     except ValueError as error:
         parser.error(f"Diffusion-GAN flags (--diffusion_gan_* / --diffusion): {error}")
     return args
-
-
-def diffusion_gan_config_from_args(args: argparse.Namespace) -> DiffusionGANConfig:
-    overrides = {}
-    for config_field in dataclasses.fields(DiffusionGANConfig):
-        value = getattr(args, f"diffusion_gan_{config_field.name}", None)
-        if config_field.name not in CONFIG_FIELDS_WITHOUT_FLAG and value is not None:
-            overrides[config_field.name] = value
-    return DiffusionGANConfig(preset=args.diffusion_gan_preset, mode=args.diffusion, **overrides)
 
 
 def build_discriminator(
@@ -560,6 +514,7 @@ def main(args: argparse.Namespace) -> None:
                     "installed: the generator class is `sadm.models.generator.GANGenerator`, which `pipeline.py` "
                     "does not define.",
                 ],
+                loads_without_sadm=False,
             )
 
         atomic_save_pretrained(args.output_dir, write)

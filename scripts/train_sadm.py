@@ -10,6 +10,7 @@ pipeline (`SADMDiTPipeline`, EMA weights when `--use_ema`) with `checkpoint-N/` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -182,6 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if args.gan_loss_weight is None:  # the Diffusion-GAN term is opt-in in this script; SADM is on by default
         args.diffusion_gan.weight = 0.0
+    ratios = (args.structure.disc_update_ratio, args.diffusion_gan.disc_update_ratio)
+    if args.gradient_accumulation_steps > 1 and max(ratios) > 1:
+        parser.error(
+            "--disc_update_ratio > 1 needs --gradient_accumulation_steps 1 (each extra step reuses the micro-batch)."
+        )
     if args.structure.weight > 0 and args.structure.scope == "local" and args.train_batch_size < 2:
         parser.error(
             "--structure_loss_weight > 0 needs --train_batch_size >= 2 (relations need pairs) or --structure_scope global."
@@ -200,7 +206,12 @@ GAN_FLAGS = {"weight": "gan_loss_weight"}
 
 def build_model(args, num_channels: int, num_classes: int) -> DiTTransformer2DModel:
     if args.pretrained_model_name_or_path is not None:
-        model = DiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
+        folder = args.pretrained_model_name_or_path
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "transformer", "config.json")):
+            raise ValueError(
+                f"--pretrained_model_name_or_path {folder} has no transformer/ component (transformer/config.json)."
+            )
+        model = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")
         source = f"{args.pretrained_model_name_or_path}/transformer"
     elif args.model_config_name_or_path is not None:
         model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(args.model_config_name_or_path))
@@ -429,6 +440,7 @@ def main(args: argparse.Namespace) -> None:
         return finite, grad_norm
 
     model.train()
+    pending_real_logits: list[torch.Tensor] = []
     stats: dict[str, torch.Tensor | float] = {}
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -511,36 +523,37 @@ def main(args: argparse.Namespace) -> None:
                 else:
                     optimizer.zero_grad(set_to_none=True)
 
-            # ---- discriminator steps on the same batch, x̂₀ detached (no second denoiser forward)
+            # ---- discriminator steps on the same batch, x̂₀ detached (no second denoiser forward). They follow the
+            # denoiser's accumulation window: one `accumulate` per micro-batch only (accelerate counts every call), so the
+            # discriminators skip the DDP all-reduce with `no_sync` and step exactly when the denoiser does.
+            sync = accelerator.sync_gradients
             if use_structure:
                 accelerator.unwrap_model(struct_disc).requires_grad_(True)
                 for _ in range(struct_cfg.disc_update_ratio):
-                    with accelerator.accumulate(struct_disc):
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(struct_disc):
                         loss_d, d_stats = structure_discriminator_loss(
                             struct_disc, x0, x0_hat.detach(), timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
                             accelerator.process_index,
                         )  # fmt: skip
-                        accelerator.backward(loss_d.mean())
-                        if accelerator.sync_gradients:
-                            _, stats["struct_disc_grad_norm"] = optimizer_step(struct_disc, struct_opt)
-                        else:
-                            struct_opt.zero_grad(set_to_none=True)
+                        accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
+                    if sync:
+                        _, stats["struct_disc_grad_norm"] = optimizer_step(struct_disc, struct_opt)
                     stats["loss_struct_disc"] = loss_d.detach().mean()
                     stats.update({f"disc_{k}": v for k, v in d_stats.items()})
             if use_gan:
                 accelerator.unwrap_model(gan_disc).requires_grad_(True)
                 for _ in range(gan_cfg.disc_update_ratio):
-                    with accelerator.accumulate(gan_disc):
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(gan_disc):
                         loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
                             gan_disc, diffusion, x0, x0_hat.detach(), labels, gan_cfg, d_step
                         )
                         accelerator.backward((loss_d * gan_weights).mean())
-                        if accelerator.sync_gradients:
-                            _, stats["gan_disc_grad_norm"] = optimizer_step(gan_disc, gan_opt)
-                            d_step += 1
-                        else:
-                            gan_opt.zero_grad(set_to_none=True)
-                        diffusion.update(accelerator.gather(real_logits))  # r_d over the global batch
+                    pending_real_logits.append(accelerator.gather(real_logits))
+                    if sync:
+                        _, stats["gan_disc_grad_norm"] = optimizer_step(gan_disc, gan_opt)
+                        d_step += 1
+                        diffusion.update(torch.cat(pending_real_logits))  # once per D step, r_d over the global batch
+                        pending_real_logits.clear()
                     stats.update({k: v for k, v in gd_stats.items() if k != "r1" or v == v})
                 stats.update({f"ada_{k}": v for k, v in diffusion.stats().items()})
 

@@ -403,3 +403,22 @@ def test_image_folder_and_npz_loaders(tmp_path):
     np.savez(tmp_path / "bad.npz", images=images.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_images_npz(tmp_path / "bad.npz")
+
+
+def test_inception_features_from_a_local_file_and_a_clear_error_without_it(tmp_path, monkeypatch):
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from sadm.metrics import InceptionFeatures
+
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        InceptionFeatures(tmp_path / "missing.pth")
+    # a random-init network written in the layout of the real weights file (which cannot be downloaded here)
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    features = InceptionFeatures(tmp_path / "inception.pth")
+    out = features(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    assert features.identity.startswith("inception_v3_fid_")

@@ -160,3 +160,54 @@ def test_sample_script_writes_pngs_npz_and_grid(tmp_path, data_dir):
     assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
     assert data["labels"].tolist() == [0, 0, 0, 1, 1, 1]
     assert len(list(out.glob("*_class1.png"))) == 3 and (out / "grid.png").exists()
+
+
+def test_fine_tune_an_export_with_sadm_and_a_warm_started_discriminator(tmp_path, data_dir):
+    base, tuned, again = tmp_path / "base", tmp_path / "tuned", tmp_path / "again"
+    data = [*TINY, "--train_data_dir", str(data_dir), "--max_train_steps", "2"]
+    assert (
+        run_script("train_sadm.py", *data, "--structure_loss_weight", "0", "--output_dir", str(base)).returncode == 0
+    )
+    sadm_flags = [
+        "--structure_loss_weight",
+        "0.05",
+        "--structure_warmup_steps",
+        "0",
+        "--structure_t_threshold",
+        "1000",
+    ]
+    result = run_script(
+        "train_sadm.py", *data, *sadm_flags, "--pretrained_model_name_or_path", str(base), "--output_dir", str(tuned),
+        "--learning_rate", "1e-3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(base), weights(tuned)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # same architecture, trained further
+    from sadm.models.structure_discriminator import StructureDiscriminator
+
+    disc = StructureDiscriminator.from_pretrained(tuned, subfolder="discriminator")
+    assert disc.config.in_channels == 1 and disc.config.sample_size == 8
+    result = run_script(
+        "train_sadm.py", *data, *sadm_flags, "--pretrained_model_name_or_path", str(tuned),
+        "--disc_pretrained_path", str(tuned / "discriminator"), "--output_dir", str(again),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (again / "discriminator" / "config.json").exists()
+
+
+def test_bad_pretrained_and_contradictory_structure_options(tmp_path, data_dir):
+    (tmp_path / "empty_pipeline").mkdir()
+    result = run_script(
+        "train_sadm.py", *TINY, "--train_data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"),
+        "--pretrained_model_name_or_path", str(tmp_path / "empty_pipeline"), launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "transformer" in result.stderr
+    result = run_script(
+        "train_sadm.py", *TINY, "--output_dir", str(tmp_path / "o2"), "--structure_relation", "distance",
+        "--structure_distance", "kl", launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "relation" in result.stderr and "kl" in result.stderr
+    result = run_script(
+        "train_sadm.py", *TINY[:-6], "--train_batch_size", "1", "--output_dir", str(tmp_path / "o3"), launch=False
+    )
+    assert result.returncode != 0 and "--train_batch_size >= 2" in result.stderr

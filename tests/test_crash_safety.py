@@ -1,0 +1,219 @@
+"""Crash safety: a training run SIGKILLed at any moment leaves only complete, loadable checkpoints, and resumes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils.other import load as accelerate_load
+from diffusers import DiffusionPipeline
+from helpers import REPO, write_class_folder
+from safetensors.torch import load_file
+
+from sadm.training import (
+    TRAIN_STATE_NAME,
+    atomic_save_pretrained,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume_path,
+)
+
+TOTAL_LIMIT = 2
+TINY = [
+    "--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none",
+    "--checkpointing_steps", "1", "--checkpoints_total_limit", str(TOTAL_LIMIT), "--logging_steps", "1000",
+    "--resume_from_checkpoint", "latest", "--structure_warmup_steps", "0", "--gan_loss_weight", "0.05",
+]  # fmt: skip
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def start(out: Path, data: Path, max_steps: int, log: Path) -> subprocess.Popen:
+    """The script itself (no launcher in between), so that SIGKILL hits the process that writes."""
+    cmd = [sys.executable, str(REPO / "scripts" / "train_sadm.py"), *TINY, "--train_data_dir", str(data),
+           "--output_dir", str(out), "--max_train_steps", str(max_steps)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+
+
+def wait_until(proc: subprocess.Popen, condition, timeout: float = 120.0, poll: float = 0.002) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def check_checkpoint_complete(path: Path) -> None:
+    """Every part a resume needs is there and loads: weights as safetensors, the rest with weights_only=True."""
+    state = json.loads((path / TRAIN_STATE_NAME).read_text())
+    assert state["global_step"] == step_of(path)
+    for sub in ("transformer", "transformer_ema", "discriminator", "timestep_discriminator"):
+        assert (path / sub / "config.json").exists(), f"{path}/{sub} has no config"
+        tensors = load_file(str(path / sub / "diffusion_pytorch_model.safetensors"))
+        assert tensors and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    for name in ("optimizer.bin", "optimizer_1.bin", "optimizer_2.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert accelerate_load(path / name, map_location="cpu") is not None  # accelerate's loader: weights_only=True
+    torch.load(path / "adaptive_diffusion.pt", map_location="cpu", weights_only=True)
+    assert not any(p.suffix in (".pt", ".bin", ".pkl") and p.stat().st_size == 0 for p in path.iterdir())
+
+
+def check_output_dir(out: Path, had_checkpoint: bool) -> list[Path]:
+    named = sorted((p for p in out.iterdir() if p.name.startswith("checkpoint-")), key=step_of)
+    complete = list_checkpoints(out)
+    assert named == complete, f"incomplete checkpoint folders {set(named) - set(complete)}"
+    for path in complete:
+        check_checkpoint_complete(path)
+    assert not any(p.name.startswith(".") for p in complete)  # .tmp-* leftovers are never listed
+    if had_checkpoint:
+        assert 1 <= len(complete) <= TOTAL_LIMIT + 1  # +1: killed between the rename and the pruning
+        assert resolve_resume_path(str(out), "latest") == complete[-1]
+    return complete
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_resumable_checkpoints(tmp_path):
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=8, mode="L")
+    out = tmp_path / "run"
+    rng = random.Random(0)
+
+    def tmp_checkpoint_exists() -> bool:
+        return any(p.name.startswith(".tmp-checkpoint-") for p in out.iterdir()) if out.exists() else False
+
+    def checkpoint_after(step: int):
+        return lambda: bool(list_checkpoints(out)) and step_of(list_checkpoints(out)[-1]) > step
+
+    # (what to wait for, extra random delay): random moments between checkpoints, and while one is being written
+    moments = [("checkpoint", 0.8), ("tmp", 0.0), ("tmp", 0.03), ("checkpoint", 0.3), ("tmp", 0.01)]
+    latest, killed_while_writing = 0, 0
+    for round_index, (moment, delay) in enumerate(moments):
+        proc = start(out, data, max_steps=10_000, log=tmp_path / f"log-{round_index}.txt")
+        try:
+            # first let this run make progress past the checkpoint it resumed from
+            assert wait_until(proc, checkpoint_after(latest)), (tmp_path / f"log-{round_index}.txt").read_text()[
+                -3000:
+            ]
+            if moment == "tmp":
+                assert wait_until(proc, tmp_checkpoint_exists), "no checkpoint was being written"
+                killed_while_writing += 1
+            time.sleep(rng.uniform(0, delay))
+        finally:
+            kill(proc)
+        complete = check_output_dir(out, had_checkpoint=True)
+        assert step_of(complete[-1]) > latest  # resumed and moved on, never went back
+        latest = step_of(complete[-1])
+    assert killed_while_writing == 3
+
+    # a last run resumes from the newest complete checkpoint, finishes and exports a loadable pipeline
+    log = tmp_path / "log-final.txt"
+    proc = start(out, data, max_steps=latest + 2, log=log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert f"Resuming from {out / f'checkpoint-{latest}'}" in log.read_text()
+    complete = check_output_dir(out, had_checkpoint=True)
+    assert [step_of(p) for p in complete] == [latest + 1, latest + 2]
+    assert not any(p.name.startswith(".tmp-checkpoint-") for p in out.iterdir())  # stale temporaries were cleaned
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------------- the same rules, in-process
+def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / TRAIN_STATE_NAME).write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_leftovers_are_ignored_and_latest_is_the_newest_complete(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 5)
+    (tmp_path / ".tmp-checkpoint-6").mkdir()  # killed after train_state.json was written, before the rename
+    (tmp_path / ".tmp-checkpoint-6" / TRAIN_STATE_NAME).write_text(json.dumps({"global_step": 6}))
+    (tmp_path / ".tmp-checkpoint-7").mkdir()  # killed inside save_state
+    (tmp_path / ".tmp-pruned-checkpoint-1").mkdir()
+    fake_checkpoint(tmp_path, 9, complete=False)  # never produced by save_checkpoint; still not taken for complete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5"]
+    assert resolve_resume_path(str(tmp_path), "latest") == tmp_path / "checkpoint-5"
+    with pytest.raises(FileNotFoundError, match="checkpoint-9"):
+        resolve_resume_path(str(tmp_path), str(tmp_path / "checkpoint-9"))
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2])
+def test_pruning_keeps_at_least_one_and_removes_leftovers(tmp_path, limit):
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / ".tmp-pruned-checkpoint-0").mkdir()  # a pruning killed mid-delete
+    prune_checkpoints(tmp_path, limit)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{s}" for s in (1, 2, 3)][-max(limit, 1) :]
+    assert not list(tmp_path.glob(".tmp-pruned-*"))
+
+
+def test_export_interrupted_while_writing_leaves_the_previous_export(tmp_path):
+    def write(version):
+        def run(folder):
+            (Path(folder) / "transformer").mkdir()
+            (Path(folder) / "transformer" / "w.txt").write_text(version)
+            if version == "crash":
+                raise KeyboardInterrupt
+            (Path(folder) / "model_index.json").write_text(version)
+
+        return run
+
+    atomic_save_pretrained(str(tmp_path), write("v1"))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_pretrained(str(tmp_path), write("crash"))
+    assert (tmp_path / "model_index.json").read_text() == "v1"
+    assert (tmp_path / "transformer" / "w.txt").read_text() == "v1"
+    atomic_save_pretrained(str(tmp_path), write("v2"))  # the leftover .tmp-export does not block the next export
+    assert (tmp_path / "model_index.json").read_text() == "v2" and not (tmp_path / ".tmp-export").exists()
+
+
+def test_export_interrupted_while_moving_has_no_model_index(tmp_path, monkeypatch):
+    """model_index.json is removed first and moved in last: a half-moved export never loads as a pipeline."""
+
+    def write(version):
+        def run(folder):
+            for sub in ("scheduler", "transformer"):
+                (Path(folder) / sub).mkdir()
+                (Path(folder) / sub / "w.txt").write_text(version)
+            (Path(folder) / "model_index.json").write_text(version)
+
+        return run
+
+    atomic_save_pretrained(str(tmp_path), write("v1"))
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst).name == ".old-transformer":
+            raise KeyboardInterrupt  # killed after the scheduler was replaced, before the transformer
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_pretrained(str(tmp_path), write("v2"))
+    monkeypatch.undo()
+    assert (tmp_path / "scheduler" / "w.txt").read_text() == "v2"
+    assert (tmp_path / "transformer" / "w.txt").read_text() == "v1"  # a mix on disk, but
+    assert not (tmp_path / "model_index.json").exists()
+    atomic_save_pretrained(str(tmp_path), write("v3"))
+    assert all((tmp_path / s / "w.txt").read_text() == "v3" for s in ("scheduler", "transformer"))
+    assert (tmp_path / "model_index.json").read_text() == "v3"
