@@ -1,6 +1,8 @@
 """Sample a pipeline or read saved images, extract features sharded over processes, and compute `sadm.metrics`.
 
-Shared by `scripts/evaluate.py` and the training scripts (in-training evaluation). Work is sharded with accelerate's
+Shared by `scripts/evaluate.py` and the training scripts (in-training evaluation: `add_eval_args`, `check_eval_args` and
+`setup_in_training_evaluation` give both scripts the same `--eval_*` flags and an `InTrainingEvaluator` with reference
+statistics computed once, `eval_history.json` and the best pipeline in `best/`; see docs/EVALUATION.md). Work is sharded with accelerate's
 `prepare_data_loader` (each process gets whole batches) and collected with `Accelerator.gather_for_metrics`, which drops the
 samples repeated to even out the last batches, then put back in dataset order; every process returns the same numbers.
 Generated sample i always uses its own generator seeded from (`seed`, i), so the images, and hence the metrics, do not
@@ -9,7 +11,14 @@ depend on the batch size or on the number of processes.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import json
+import math
 import os
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +30,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .metrics import FEATURE_METRICS, FeatureStatistics, conditional_accuracy, evaluate_features, inception_score
+from .metrics import (
+    FEATURE_METRICS,
+    INCEPTION_WEIGHTS_NAME,
+    INCEPTION_WEIGHTS_URL,
+    FeatureStatistics,
+    InceptionFeatures,
+    TimmFeatures,
+    conditional_accuracy,
+    evaluate_features,
+    images_to_rgb,
+    inception_score,
+)
 
 # every metric name `evaluate_pipeline` / `evaluate_samples` accept
 METRICS = (*FEATURE_METRICS, "is", "accuracy")
@@ -55,11 +75,13 @@ def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def load_images_npz(path: str | os.PathLike, num_samples: int | None = None) -> ImageTensorDataset:
-    """An `.npz` with `images` (uint8, `[N, H, W, C]` or `[N, H, W]`) and optional `labels` (`[N]` ints)."""
+    """An `.npz` with `images` (uint8, `[N, H, W, C]` or `[N, H, W]`) and optional `labels` (`[N]` ints), as
+    `scripts/sample.py` writes it, or in the ADM evaluator's layout: `arr_0` images (and optional `arr_1` labels)."""
     with np.load(path, allow_pickle=False) as data:
-        if "images" not in data:
-            raise ValueError(f"{path} has no 'images' array (it has {list(data.keys())}).")
-        images, labels = data["images"], data["labels"] if "labels" in data else None
+        image_key, label_key = ("images", "labels") if "images" in data else ("arr_0", "arr_1")
+        if image_key not in data:
+            raise ValueError(f"{path} has no 'images' (nor ADM's 'arr_0') array (it has {list(data.keys())}).")
+        images, labels = data[image_key], data[label_key] if label_key in data else None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise ValueError(
             f"{path}: 'images' must be uint8 [N, H, W, 1 or 3] or [N, H, W], got {images.dtype} {images.shape}."
@@ -419,3 +441,393 @@ def evaluate_samples(
         desc="samples",
     )
     return compute_metrics(reference, fake, metrics, kid_subsets, kid_subset_size, pr_k, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------ in-training evaluation
+# what the training scripts' --eval_* flags accept; "is" is left out (it needs a network with class logits)
+EVAL_METRICS = ("fid", "kid", "precision", "recall", "accuracy")
+# metrics where a larger value is better (the rest, fid and kid, are distances)
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall")
+EVAL_HISTORY_NAME = "eval_history.json"
+BEST_DIR_NAME = "best"
+BEST_METRICS_NAME = "metrics.json"
+
+
+class RandomConvFeatures(torch.nn.Module):
+    """A fixed, randomly initialised conv layer + pooling as a feature network: cheap, offline, any image size.
+
+    A sanity baseline and a stand-in for tests only: its numbers compare runs measured with the same seed, nothing else.
+    Call: `images [N, 1 or 3, H, W]` in [-1, 1] -> `[N, 64]`.
+    """
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # initialisation never touches the caller's RNG
+            torch.manual_seed(seed)
+            self.conv = torch.nn.Conv2d(3, 16, kernel_size=3, padding=1)
+        self.requires_grad_(False)
+        self.identity = f"random_conv_seed{seed}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images_to_rgb(images).to(self.conv.weight.device, torch.float32)
+        features = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(images)), 2)  # [N, 16, 2, 2]
+        return features.reshape(features.shape[0], -1)  # [N, 64]
+
+
+def is_digits_default(args: argparse.Namespace) -> bool:
+    """True when a script trains on the embedded digits (no --dataset_name, no --train_data_dir)."""
+    return args.dataset_name is None and args.train_data_dir is None
+
+
+def add_eval_args(parser: argparse.ArgumentParser, diffusion_sampling: bool = True) -> None:
+    """The `--eval_*` flags of the training scripts (in-training FID/KID/precision/recall/accuracy of the EMA weights).
+
+    Args:
+        diffusion_sampling (`bool`): add `--eval_num_inference_steps` and `--eval_guidance_scale` (diffusion pipelines).
+    """
+    g = parser.add_argument_group("in-training evaluation")
+    g.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="Every N steps, measure the EMA weights (--eval_metrics), log eval/<metric>, append to eval_history.json "
+        "and keep the best pipeline in <output_dir>/best/ (0: never).",
+    )
+    g.add_argument(
+        "--eval_num_samples", type=int, default=500, help="Generated images per evaluation (equal per class)."
+    )
+    g.add_argument(
+        "--eval_metrics",
+        type=str,
+        default=None,
+        help=f"Comma list from {','.join(EVAL_METRICS)}. Default: fid,accuracy on the embedded digits, else fid.",
+    )
+    g.add_argument(
+        "--eval_feature_network",
+        type=str,
+        default=None,
+        help="digits (the held-out digit classifier), inception (FID Inception-v3, needs --eval_inception_weights), "
+        "timm:<name> (random init unless --eval_timm_weights) or random (a fixed random conv: tests and sanity "
+        "checks only). Default: digits on the embedded digits, else inception.",
+    )
+    g.add_argument(
+        "--eval_inception_weights",
+        type=str,
+        default=None,
+        help="Local path of pt_inception-2015-12-05-6726825d.pth (never downloaded; see docs/EVALUATION.md).",
+    )
+    g.add_argument(
+        "--eval_timm_weights",
+        type=str,
+        default=None,
+        help="Local timm checkpoint for --eval_feature_network timm:<name>.",
+    )
+    g.add_argument(
+        "--eval_reference_stats",
+        type=str,
+        default=None,
+        help="Reference statistics .npz (scripts/evaluate.py --save_reference_stats) instead of the training data.",
+    )
+    g.add_argument(
+        "--eval_num_reference_samples",
+        type=int,
+        default=50_000,
+        help="A seeded random subset of the training data as the reference (the whole set when smaller).",
+    )
+    g.add_argument(
+        "--eval_batch_size", type=int, default=64, help="Per-process batch of sampling and feature extraction."
+    )
+    if diffusion_sampling:
+        g.add_argument("--eval_num_inference_steps", type=int, default=50, help="Sampling steps of each evaluation.")
+        g.add_argument(
+            "--eval_guidance_scale", type=float, default=1.0, help="Classifier-free guidance scale of each evaluation."
+        )
+    g.add_argument(
+        "--eval_best_metric",
+        type=str,
+        default="fid",
+        choices=EVAL_METRICS,
+        help="Which metric picks best/: fid and kid lower is better; accuracy, precision, recall higher is better.",
+    )
+    g.add_argument("--eval_seed", type=int, default=0, help="Seed of the evaluation samples (the same at every step).")
+
+
+def parse_metric_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def check_eval_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the data-dependent defaults of the `--eval_*` flags and stop with `parser.error` on bad values."""
+    digits = is_digits_default(args)
+    if args.eval_metrics is None:
+        args.eval_metrics = "fid,accuracy" if digits and not args.unconditional else "fid"
+    if args.eval_feature_network is None:
+        args.eval_feature_network = "digits" if digits else "inception"
+    if args.eval_steps < 0:
+        parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}.")
+    if args.eval_steps == 0:
+        return
+    metrics = parse_metric_list(args.eval_metrics)
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if unknown or not metrics:
+        parser.error(
+            f"--eval_metrics '{args.eval_metrics}' must be a non-empty comma list from {','.join(EVAL_METRICS)}."
+        )
+    if args.eval_best_metric not in metrics:
+        parser.error(f"--eval_best_metric {args.eval_best_metric} is not among --eval_metrics {args.eval_metrics}.")
+    if "accuracy" in metrics and (not digits or args.unconditional):
+        parser.error(
+            "--eval_metrics accuracy uses the digit classifier: it needs the embedded digits, class-conditional "
+            f"(data: {args.dataset_name or args.train_data_dir}, --unconditional {args.unconditional})."
+        )
+    min_samples = 4 if {"precision", "recall"} & set(metrics) else 2  # k-NN balls need more than k = 3 samples
+    if args.eval_num_samples < min_samples:
+        parser.error(f"--eval_num_samples must be >= {min_samples} for {metrics}, got {args.eval_num_samples}.")
+    if args.eval_batch_size < 1:
+        parser.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}.")
+    network = args.eval_feature_network
+    if not (network in ("digits", "inception", "random") or (network.startswith("timm:") and len(network) > 5)):
+        parser.error(f"--eval_feature_network must be digits, inception, random or timm:<name>, got '{network}'.")
+    if network == "inception" and (
+        args.eval_inception_weights is None or not os.path.isfile(args.eval_inception_weights)
+    ):
+        parser.error(
+            f"--eval_feature_network inception needs the FID Inception-v3 weights file, which sadm never downloads: "
+            f"--eval_inception_weights {args.eval_inception_weights or '(not given)'} is not a file. Copy {INCEPTION_WEIGHTS_NAME} "
+            f"here ({INCEPTION_WEIGHTS_URL}; docs/EVALUATION.md), or pick --eval_feature_network timm:<name> with "
+            "--eval_timm_weights, or --eval_steps 0."
+        )
+    for flag in ("eval_timm_weights", "eval_reference_stats"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{flag} {path} does not exist.")
+
+
+def build_feature_network(
+    name: str,
+    resolution: int,
+    accelerator: Accelerator,
+    inception_weights: str | None = None,
+    timm_weights: str | None = None,
+    timm_image_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.nn.Module:
+    """`digits`, `inception`, `timm:<name>` or `random` -> a feature network with an `.identity`, on `accelerator.device`."""
+    if name == "digits":
+        from .models.digit_classifier import DigitsFeatures
+
+        with accelerator.main_process_first():  # the first run trains and caches the classifier once
+            network = DigitsFeatures(resolution=resolution, cache_dir=cache_dir)
+    elif name == "inception":
+        network = InceptionFeatures(inception_weights)
+    elif name == "random":
+        network = RandomConvFeatures()
+    elif name.startswith("timm:"):
+        network = TimmFeatures(name[len("timm:") :], timm_weights, image_size=timm_image_size)
+    else:
+        raise ValueError(f"feature network must be digits, inception, random or timm:<name>, got '{name}'.")
+    return network.to(accelerator.device)
+
+
+def deterministic_view(dataset: Dataset) -> Dataset:
+    """A shallow copy of a `sadm.data.ImageLabelDataset` with flips off and centre crops: the reference images do not
+    depend on the augmentation seed."""
+    view = copy.copy(dataset)
+    if hasattr(view, "random_flip"):
+        view.random_flip = False
+    if hasattr(view, "center_crop"):
+        view.center_crop = True
+    return view
+
+
+@contextlib.contextmanager
+def preserve_rng_state(accelerator: Accelerator):
+    """Restore the torch (CPU and this process's CUDA device), numpy and python RNG states on exit, so that an
+    evaluation inside never changes what training draws next."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
+class InTrainingEvaluator:
+    """Evaluate a pipeline every `--eval_steps` against reference statistics computed once; keep the history and the best.
+
+    Holds the feature network, the digit classifier (accuracy), the reference statistics and the history
+    (`<output_dir>/eval_history.json`: a list of `{"step", <metric>: value, ..., "wall_s"}`). `evaluate` is collective
+    (call it on every process) and returns the same numbers everywhere; only the main process writes files. The script
+    exports the pipeline into `best_dir` when `evaluate` says it is the best so far, with `write_best_metrics` in the
+    same atomic write.
+
+    Args:
+        output_dir (`str`): the run's output folder.
+        metrics (`list[str]`): from `EVAL_METRICS`.
+        best_metric (`str`): one of `metrics`; `HIGHER_IS_BETTER` says the direction.
+        feature_network, classifier, reference: see `evaluate_pipeline`.
+        start_step (`int`): the step training starts (resumes) at; history entries after it are dropped, since the
+            resumed run recomputes them.
+        num_samples, batch_size, num_inference_steps, guidance_scale, seed: see `evaluate_pipeline`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        metrics: list[str],
+        best_metric: str,
+        feature_network: torch.nn.Module,
+        reference: FeatureStatistics,
+        accelerator: Accelerator,
+        classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        start_step: int = 0,
+        num_samples: int = 500,
+        batch_size: int = 64,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+    ):
+        if best_metric not in metrics:
+            raise ValueError(f"--eval_best_metric {best_metric} is not among --eval_metrics {metrics}.")
+        check_metrics(metrics, feature_network, classifier)
+        needs_features = [m for m in metrics if m in ("kid", "precision", "recall")]
+        if needs_features and reference.features is None:
+            raise ValueError(
+                f"--eval_metrics {needs_features} need reference features, but the reference statistics hold only mean and "
+                "covariance; save them with scripts/evaluate.py --save_reference_stats, or evaluate fid only."
+            )
+        self.output_dir, self.metrics, self.best_metric = output_dir, list(metrics), best_metric
+        self.feature_network, self.reference, self.accelerator, self.classifier = (
+            feature_network,
+            reference,
+            accelerator,
+            classifier,
+        )
+        self.num_samples, self.batch_size, self.num_inference_steps = num_samples, batch_size, num_inference_steps
+        self.guidance_scale, self.seed = guidance_scale, seed
+        self.history_path = os.path.join(output_dir, EVAL_HISTORY_NAME)
+        self.best_dir = os.path.join(output_dir, BEST_DIR_NAME)
+        self.history: list[dict] = []
+        if start_step > 0 and os.path.isfile(self.history_path):  # resumed: continue the history up to start_step
+            with open(self.history_path) as f:
+                self.history = [entry for entry in json.load(f) if entry["step"] <= start_step]
+        self.best_value = None
+        for entry in self.history:
+            if self.is_better(entry.get(self.result_key)):
+                self.best_value = entry[self.result_key]
+
+    @property
+    def result_key(self) -> str:
+        """The key of `best_metric` in the results (`kid` is reported as `kid_mean`)."""
+        return "kid_mean" if self.best_metric == "kid" else self.best_metric
+
+    def is_better(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.best_metric in HIGHER_IS_BETTER else value < self.best_value
+
+    def evaluate(self, pipeline, step: int) -> tuple[dict[str, float], bool]:
+        """Sample `pipeline`, compute the metrics, record them. Collective.
+
+        Returns:
+            `(results, is_best)`: the metrics (as `evaluate_pipeline` names them) and whether they beat every earlier
+            evaluation on `best_metric` (the caller then exports the pipeline to `best_dir`).
+        """
+        start = time.perf_counter()
+        results = evaluate_pipeline(
+            pipeline,
+            self.reference,
+            self.num_samples,
+            self.feature_network,
+            self.metrics,
+            self.accelerator,
+            batch_size=self.batch_size,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            classifier=self.classifier,
+        )
+        is_best = self.is_better(results[self.result_key])
+        if is_best:
+            self.best_value = results[self.result_key]
+        self.history = [entry for entry in self.history if entry["step"] != step]
+        self.history.append({"step": step, **results, "wall_s": time.perf_counter() - start})
+        if self.accelerator.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+            tmp = self.history_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.history, f, indent=1)
+            os.replace(tmp, self.history_path)  # a reader never sees half a file
+        return results, is_best
+
+    def write_best_metrics(self, folder: str, step: int, results: dict[str, float]) -> None:
+        """`metrics.json` of a best/ export: the step, the metrics and how they were measured."""
+        record = {
+            "step": step,
+            **results,
+            "best_metric": self.best_metric,
+            "feature_network": self.feature_network.identity,
+            "num_samples": self.num_samples,
+            "num_reference": self.reference.num_samples,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+        }
+        with open(os.path.join(folder, BEST_METRICS_NAME), "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def setup_in_training_evaluation(
+    args: argparse.Namespace, dataset: Dataset, accelerator: Accelerator, start_step: int
+) -> InTrainingEvaluator | None:
+    """The evaluator of a training script from its `--eval_*` flags (None when `--eval_steps 0`). Collective.
+
+    Builds the feature network (and the digit classifier for accuracy) and computes the reference statistics once, on
+    the training data with flips off and centre crops (`deterministic_view`) or from `--eval_reference_stats`. Draws
+    nothing from the global RNG (training continues exactly as without evaluation).
+    """
+    if not args.eval_steps:
+        return None
+    metrics = parse_metric_list(args.eval_metrics)
+    with preserve_rng_state(accelerator):
+        feature_network = build_feature_network(
+            args.eval_feature_network,
+            args.resolution,
+            accelerator,
+            inception_weights=args.eval_inception_weights,
+            timm_weights=args.eval_timm_weights,
+        )
+        classifier = None
+        if "accuracy" in metrics:
+            digits = feature_network if args.eval_feature_network == "digits" else None
+            digits = digits or build_feature_network("digits", args.resolution, accelerator)
+            classifier = digits.logits
+        if args.eval_reference_stats is not None:
+            reference = FeatureStatistics.load_npz(args.eval_reference_stats, feature_network.identity)
+        else:
+            reference = compute_reference_statistics(
+                feature_network,
+                deterministic_view(dataset),
+                accelerator,
+                batch_size=args.eval_batch_size,
+                num_samples=args.eval_num_reference_samples,
+                seed=args.eval_seed,
+            )
+    return InTrainingEvaluator(
+        args.output_dir,
+        metrics,
+        args.eval_best_metric,
+        feature_network,
+        reference,
+        accelerator,
+        classifier=classifier,
+        start_step=start_step,
+        num_samples=args.eval_num_samples,
+        batch_size=args.eval_batch_size,
+        num_inference_steps=getattr(args, "eval_num_inference_steps", 1),
+        guidance_scale=getattr(args, "eval_guidance_scale", 1.0),
+        seed=args.eval_seed,
+    )

@@ -131,7 +131,22 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
 
 def check_distributed(accelerator: Accelerator) -> None:
-    """Several processes started without a distributed backend train unrelated copies silently: stop instead."""
+    """Several processes started without a distributed backend train unrelated copies silently: stop instead.
+
+    Also warns when `accelerate launch --cpu --num_processes N` (N > 1) started a single process: that launcher exports
+    MASTER_ADDR but starts one process without WORLD_SIZE unless MPI is set up (the run is correct, but on one process).
+    """
+    if (
+        accelerator.num_processes == 1
+        and "WORLD_SIZE" not in os.environ
+        and "MASTER_ADDR" in os.environ
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    ):
+        logger.warning(
+            "accelerate's CPU launcher was asked for several processes but started ONE (`--cpu --num_processes N` "
+            "needs MPI). For N DDP processes over gloo use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ... (docs/DISTRIBUTED.md)."
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(

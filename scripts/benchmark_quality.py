@@ -7,6 +7,10 @@ Each (arm, seed) trains with `scripts/train_sadm.py` (DiT arms) or `scripts/trai
 `<output_root>/<arm>/seed<k>`, is evaluated with `scripts/evaluate.py` (digit-classifier accuracy, digits-FID,
 precision/recall), and the table of mean ± std over seeds is written to `--report` (and the per-run JSON beside the runs).
 Finished runs are reused, so the benchmark can be extended arm by arm. Ratios vs the first arm are printed last.
+
+With `--eval_steps N` the training runs also evaluate every N steps (`eval_history.json`), and the report links two
+PNGs under `--plots_dir`: the metrics against the step per arm (mean ± std over seeds; runs without a history, e.g.
+reused ones trained without `--eval_steps`, have no curve), and the sample grids (10 per class) of seed 0 of each arm.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+HISTORY_NAME = "eval_history.json"  # written by the training scripts' --eval_steps
+CURVE_METRICS = ("accuracy", "fid", "kid_mean", "precision", "recall")  # plotted when a history has them
 REPO = Path(__file__).resolve().parents[1]
 
 # arm -> (script, extra flags). Every DiT arm shares the script defaults (tiny preset, lr 1e-3, EMA).
@@ -55,7 +61,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=str, default="docs/BENCHMARKS.md")
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (threads per run = cores / jobs).")
     parser.add_argument("--extra", type=str, default="", help="Extra flags for every training run (quoted).")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="Passed to the training runs: evaluate every N steps for the metric-vs-step plot (0: off). Finished runs "
+        "are reused as they are.",
+    )
+    parser.add_argument(
+        "--eval_num_samples", type=int, default=500, help="Samples per in-training evaluation (with --eval_steps)."
+    )
+    parser.add_argument(
+        "--plots_dir", type=str, default="docs/benchmarks", help="Where the curve and sample-grid PNGs go."
+    )
+    args = parser.parse_args(argv)
+    if args.eval_steps < 0:
+        parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}")
+    return args
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -70,10 +92,15 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
 
 def train_command(args, arm: str, seed: int, out: Path) -> list[str]:
     script, flags = ARMS[arm]
+    evaluation = []
+    if args.eval_steps:  # in-training evaluation with the script's digits defaults (accuracy, digits-FID)
+        evaluation = ["--eval_steps", str(args.eval_steps), "--eval_num_samples", str(args.eval_num_samples)]
+        if script == "train_sadm.py":
+            evaluation += ["--eval_num_inference_steps", str(args.num_inference_steps)]
     return [
         sys.executable, str(REPO / "scripts" / script), "--output_dir", str(out), "--seed", str(seed),
         "--max_train_steps", str(args.max_train_steps), "--validation_steps", "0", "--report_to", "none",
-        "--checkpointing_steps", str(args.max_train_steps), *flags, *shlex.split(args.extra),
+        "--checkpointing_steps", str(args.max_train_steps), *flags, *evaluation, *shlex.split(args.extra),
     ]  # fmt: skip
 
 
@@ -103,6 +130,91 @@ def run_one(args, arm: str, seed: int, threads: int) -> dict:
     return result
 
 
+def load_histories(args, arm: str) -> list[list[dict]]:
+    """The eval_history.json of every seed of an arm that has one."""
+    histories = []
+    for seed in args.seeds:
+        path = Path(args.output_root) / arm / f"seed{seed}" / HISTORY_NAME
+        if path.exists():
+            histories.append(json.loads(path.read_text()))
+    return histories
+
+
+def plot_curves(args, path: Path) -> bool:
+    """Each metric against the training step, one line per arm (mean over seeds, band ± std); False when no run has a
+    history."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {arm: load_histories(args, arm) for arm in args.arms}
+    logged = {key for histories in curves.values() for history in histories for entry in history for key in entry}
+    names = [name for name in CURVE_METRICS if name in logged]
+    if not names:
+        return False
+    figure = Figure(figsize=(5 * len(names), 3.6))
+    FigureCanvasAgg(figure)
+    for i, name in enumerate(names):
+        axis = figure.add_subplot(1, len(names), i + 1)
+        for arm, histories in curves.items():
+            by_step: dict[int, list[float]] = {}
+            for history in histories:
+                for entry in history:
+                    if name in entry:
+                        by_step.setdefault(entry["step"], []).append(entry[name])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            mean = np.array([np.mean(by_step[s]) for s in steps])
+            std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+            line = axis.plot(steps, mean, marker=".", label=f"{arm} ({len(histories)} seeds)")[0]
+            axis.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        axis.set_xlabel("training step")
+        axis.set_ylabel(name)
+        axis.set_title(f"{name} ({'higher' if name in ('accuracy', 'precision', 'recall') else 'lower'} is better)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def plot_sample_grids(args, path: Path, threads: int) -> bool:
+    """Side-by-side grids of 10 samples per class (one row per class) of seed 0 of each arm, as scripts/sample.py
+    writes them (cached in `<run>/samples_grid/`); False when no arm has a seed-0 pipeline."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    seed = args.seeds[0]
+    grids = {}
+    for arm in args.arms:
+        out = Path(args.output_root) / arm / f"seed{seed}"
+        grid = out / "samples_grid" / "grid.png"
+        if not grid.exists() and (out / "model_index.json").exists():
+            sample = [
+                sys.executable, str(REPO / "scripts" / "sample.py"), "--pipeline", str(out), "--output_dir",
+                str(grid.parent), "--num_per_class", "10", "--grid", "--no_png", "--overwrite",
+                "--num_inference_steps", str(args.num_inference_steps),
+            ]  # fmt: skip
+            run(sample, out.parent / f"seed{seed}.log", threads)
+        if grid.exists():
+            grids[arm] = np.asarray(Image.open(grid).convert("RGB"))
+    if not grids:
+        return False
+    figure = Figure(figsize=(3 * len(grids), 3.4))
+    FigureCanvasAgg(figure)
+    for i, (arm, image) in enumerate(grids.items()):
+        axis = figure.add_subplot(1, len(grids), i + 1)
+        axis.imshow(image, interpolation="nearest")
+        axis.set_title(f"{arm} (seed {seed})", fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)
+    return True
+
+
 def main(args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
@@ -129,6 +241,21 @@ def main(args: argparse.Namespace) -> None:
         per_seed.append(
             f"| {arm} | {seed} | " + " | ".join(f"{result.get(m, float('nan')):.4g}" for m in METRICS) + " |"
         )
+    # plots, linked from the report section (paths relative to the report)
+    tag = "_".join(arm.replace("+", "-") for arm in args.arms) + f"_{args.max_train_steps}"
+    curves_png = Path(args.plots_dir) / f"{tag}_curves.png"
+    samples_png = Path(args.plots_dir) / f"{tag}_samples.png"
+    figures = []
+    if plot_curves(args, curves_png):
+        link = os.path.relpath(curves_png, Path(args.report).parent)
+        figures.append(
+            f"![metrics vs step]({link})  \nMetrics of the EMA weights during training, mean ± std over seeds."
+        )
+    if plot_sample_grids(args, samples_png, threads):
+        link = os.path.relpath(samples_png, Path(args.report).parent)
+        figures.append(
+            f"![samples]({link})  \nSeed {args.seeds[0]} of each arm, 10 samples per class (one row per class)."
+        )
     command = "python scripts/benchmark_quality.py " + shlex.join(sys.argv[1:])
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -149,6 +276,7 @@ def main(args: argparse.Namespace) -> None:
         "",
         "</details>",
         "",
+        *[line for figure in figures for line in (figure, "")],
     ]
     print("\n".join(lines))
     report = Path(args.report)

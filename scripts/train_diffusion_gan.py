@@ -44,6 +44,7 @@ from sadm.diffusion_gan import (
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
 )
+from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
@@ -120,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     v.add_argument(
         "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
     )
+    add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
     args = parser.parse_args(argv)
 
     if args.resolution < 4 or args.resolution & (args.resolution - 1):
@@ -128,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
+    check_eval_args(args, parser)
     try:
         args.diffusion_gan = dataclass_from_args(
             DiffusionGANConfig, args, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",)
@@ -337,6 +340,8 @@ def main(args: argparse.Namespace) -> None:
     if not t_history:
         t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
     num_adjustments = diffusion.num_updates // diffusion.ada_interval
+    # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
+    evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
 
     total_batch = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(
@@ -388,6 +393,33 @@ def main(args: argparse.Namespace) -> None:
         log_images(accelerator, "validation", images, step)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+
+    def run_evaluation(step: int) -> None:
+        """Measure the EMA generator on every process (sharded, collective), log eval/<metric>, keep the best in best/.
+
+        The RNG states are restored afterwards: a run with evaluation trains exactly as one without."""
+        with preserve_rng_state(accelerator):
+            if ema is not None:
+                ema.store(unwrapped_generator.parameters())
+                ema.copy_to(unwrapped_generator.parameters())
+            unwrapped_generator.eval()
+            pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
+            results, is_best = evaluator.evaluate(pipeline, step)
+            if is_best and accelerator.is_main_process:
+                assert_finite_parameters({"generator": unwrapped_generator})
+
+                def write(folder: str) -> None:
+                    pipeline.save_pretrained(folder)
+                    copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
+                    evaluator.write_best_metrics(folder, step, results)
+
+                atomic_save_pretrained(evaluator.best_dir, write)
+            unwrapped_generator.train()
+            if ema is not None:
+                ema.restore(unwrapped_generator.parameters())
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
+        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        accelerator.wait_for_everyone()
 
     # ---- loop
     generator.train()
@@ -471,6 +503,8 @@ def main(args: argparse.Namespace) -> None:
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(global_step)
+            if args.eval_steps and global_step % args.eval_steps == 0:
+                run_evaluation(global_step)  # on every process
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:

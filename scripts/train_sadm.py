@@ -34,6 +34,7 @@ from sadm.diffusion_gan import (
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
 )
+from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
 from sadm.losses import denoising_loss, predict_x0, training_target, vlb_loss
 from sadm.losses.structure import structure_timestep_weights
 from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     v.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale for validation images.")
     v.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps for validation images.")
     v.add_argument("--logging_steps", type=int, default=10, help="Log scalars (one host sync) every N steps.")
+    add_eval_args(parser, diffusion_sampling=True)
     # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
     d = parser.add_argument_group("discriminators (structure and timestep)")
@@ -159,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.resolution <= 0:
         parser.error(f"--resolution must be positive, got {args.resolution}")
+    check_eval_args(args, parser)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
     if args.gradient_accumulation_steps < 1:
@@ -395,6 +398,9 @@ def main(args: argparse.Namespace) -> None:
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
 
+    # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
+    evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
+
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"Steps {args.max_train_steps}, total batch {total_batch}, epochs {num_epochs}, starting at step {global_step}"
@@ -425,6 +431,34 @@ def main(args: argparse.Namespace) -> None:
         log_images(accelerator, "validation", images, step)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+
+    def run_evaluation(step: int) -> None:
+        """Measure the EMA weights on every process (sharded, collective), log eval/<metric>, keep the best in best/.
+
+        The RNG states are restored afterwards: a run with evaluation trains exactly as one without."""
+        unwrapped = accelerator.unwrap_model(model)
+        with preserve_rng_state(accelerator):
+            if ema is not None:
+                ema.store(unwrapped.parameters())
+                ema.copy_to(unwrapped.parameters())
+            unwrapped.eval()
+            pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label)
+            results, is_best = evaluator.evaluate(pipeline, step)
+            if is_best and accelerator.is_main_process:
+                assert_finite_parameters({"transformer": unwrapped})
+
+                def write(folder: str) -> None:
+                    pipeline.save_pretrained(folder)
+                    copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
+                    evaluator.write_best_metrics(folder, step, results)
+
+                atomic_save_pretrained(evaluator.best_dir, write)
+            unwrapped.train()
+            if ema is not None:
+                ema.restore(unwrapped.parameters())
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
+        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        accelerator.wait_for_everyone()
 
     # ---- loop
     def optimizer_step(net, opt, scheduler=None) -> tuple[bool, torch.Tensor]:
@@ -599,6 +633,8 @@ def main(args: argparse.Namespace) -> None:
                     )
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     run_validation(global_step)
+                if args.eval_steps and global_step % args.eval_steps == 0:
+                    run_evaluation(global_step)  # on every process
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from sadm.training import (
     TRAIN_STATE_NAME,
+    assert_finite_parameters,
     atomic_save_pretrained,
+    check_output_dir,
     list_checkpoints,
     prune_checkpoints,
     resolve_resume_path,
@@ -76,7 +78,7 @@ def check_checkpoint_complete(path: Path) -> None:
     assert not any(p.suffix in (".pt", ".bin", ".pkl") and p.stat().st_size == 0 for p in path.iterdir())
 
 
-def check_output_dir(out: Path, had_checkpoint: bool) -> list[Path]:
+def check_run_folder(out: Path, had_checkpoint: bool) -> list[Path]:
     named = sorted((p for p in out.iterdir() if p.name.startswith("checkpoint-")), key=step_of)
     complete = list_checkpoints(out)
     assert named == complete, f"incomplete checkpoint folders {set(named) - set(complete)}"
@@ -117,7 +119,7 @@ def test_sigkill_at_random_moments_leaves_resumable_checkpoints(tmp_path):
             time.sleep(rng.uniform(0, delay))
         finally:
             kill(proc)
-        complete = check_output_dir(out, had_checkpoint=True)
+        complete = check_run_folder(out, had_checkpoint=True)
         assert step_of(complete[-1]) > latest  # resumed and moved on, never went back
         latest = step_of(complete[-1])
     assert killed_while_writing == 3
@@ -127,7 +129,7 @@ def test_sigkill_at_random_moments_leaves_resumable_checkpoints(tmp_path):
     proc = start(out, data, max_steps=latest + 2, log=log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert f"Resuming from {out / f'checkpoint-{latest}'}" in log.read_text()
-    complete = check_output_dir(out, had_checkpoint=True)
+    complete = check_run_folder(out, had_checkpoint=True)
     assert [step_of(p) for p in complete] == [latest + 1, latest + 2]
     assert not any(p.name.startswith(".tmp-checkpoint-") for p in out.iterdir())  # stale temporaries were cleaned
     pipe = DiffusionPipeline.from_pretrained(out)
@@ -217,3 +219,49 @@ def test_export_interrupted_while_moving_has_no_model_index(tmp_path, monkeypatc
     atomic_save_pretrained(str(tmp_path), write("v3"))
     assert all((tmp_path / s / "w.txt").read_text() == "v3" for s in ("scheduler", "transformer"))
     assert (tmp_path / "model_index.json").read_text() == "v3"
+
+
+# ------------------------------------------------------------------------------ non-finite steps and weights, output dir
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    """A learning rate of 1e30 makes every step after the first overflow: those steps are skipped (the weights stay
+    as they were, and finite, in every checkpoint) and --max_bad_steps consecutive ones stop the run."""
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=8, mode="L")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_sadm.py"), "--model", "tiny", "--resolution", "8",
+           "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none", "--train_data_dir", str(data),
+           "--output_dir", str(out), "--max_train_steps", "20", "--checkpointing_steps", "1", "--learning_rate", "1e30",
+           "--lr_warmup_steps", "0", "--max_bad_steps", "3", "--structure_loss_weight", "0", "--no-use_ema"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+    assert result.returncode != 0
+    assert "3 consecutive non-finite steps (--max_bad_steps 3); stopping" in result.stderr
+    assert result.stderr.count("Non-finite denoiser gradient") == 3
+    assert not (out / "model_index.json").exists()  # no export after a failed run
+    saved = [load_file(str(p / "transformer" / "diffusion_pytorch_model.safetensors")) for p in list_checkpoints(out)]
+    assert len(saved) >= 2 and all(torch.isfinite(t).all() for w in saved for t in w.values())
+    assert all(torch.equal(saved[0][k], w[k]) for w in saved[1:] for k in w)  # skipped steps changed nothing
+
+
+def test_non_finite_weights_are_never_saved():
+    model = torch.nn.Linear(2, 2)
+    assert_finite_parameters({"transformer": model})
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"Refusing to save: transformer.bias has non-finite values"):
+        assert_finite_parameters({"transformer": model})
+
+
+def test_output_dir_is_never_overwritten_by_accident(tmp_path):
+    check_output_dir(str(tmp_path / "new"), resume=None, overwrite=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(str(tmp_path / "empty"), resume=None, overwrite=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="--output_dir .*taken is not empty"):
+        check_output_dir(str(tmp_path / "taken"), resume=None, overwrite=False)
+    check_output_dir(str(tmp_path / "taken"), resume="latest", overwrite=False)
+    check_output_dir(str(tmp_path / "taken"), resume=None, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_output_dir(str(tmp_path / "file"), resume=None, overwrite=True)
