@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 # arm -> (script, extra flags). Every DiT arm shares the script defaults (tiny preset, lr 1e-3, EMA).
 ARMS: dict[str, tuple[str, list[str]]] = {
     "dsm": ("train_sadm.py", ["--structure_loss_weight", "0"]),
-    "sadm": ("train_sadm.py", []),  # the script's SADM defaults
-    "sadm_snr": ("train_sadm.py", ["--structure_timestep_weighting", "snr"]),
+    "sadm": ("train_sadm.py", ["--structure_loss_weight", "0.01"]),  # StructureConfig's defaults: t < 100, warm-up 500
+    "sadm_snr": ("train_sadm.py", ["--structure_loss_weight", "0.01", "--structure_timestep_weighting", "snr"]),
     "sadm_strong": ("train_sadm.py", ["--structure_loss_weight", "0.1", "--structure_t_threshold", "200"]),
     "gan_term": ("train_sadm.py", ["--structure_loss_weight", "0", "--gan_loss_weight", "0.01"]),
-    "sadm+gan_term": ("train_sadm.py", ["--gan_loss_weight", "0.01"]),
+    "sadm+gan_term": ("train_sadm.py", ["--structure_loss_weight", "0.01", "--gan_loss_weight", "0.01"]),
     "gan_adaptive": ("train_diffusion_gan.py", ["--diffusion", "adaptive"]),
     "gan_none": ("train_diffusion_gan.py", ["--diffusion", "none"]),
     "gan_adaptive_200": ("train_diffusion_gan.py", ["--diffusion", "adaptive", "--max_train_samples", "200"]),

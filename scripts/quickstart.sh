@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end on a fresh machine (CPU is enough):
-#   set up .venv -> train a tiny DiT on scikit-learn's digits with SADM (2000 steps) -> export the pipeline
+#   set up .venv -> train a tiny DiT on scikit-learn's digits (2000 steps) -> export the pipeline
 #   -> sample 10 images per class + a grid -> report class accuracy (held-out digit classifier) and digits-FID.
 # Re-running continues/re-exports the same run (--resume_from_checkpoint latest). OUT=... picks another folder.
 set -euo pipefail

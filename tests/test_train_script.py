@@ -208,6 +208,14 @@ def test_bad_pretrained_and_contradictory_structure_options(tmp_path, data_dir):
     )  # fmt: skip
     assert result.returncode != 0 and "relation" in result.stderr and "kl" in result.stderr
     result = run_script(
-        "train_sadm.py", *TINY[:-6], "--train_batch_size", "1", "--output_dir", str(tmp_path / "o3"), launch=False
+        "train_sadm.py",
+        *TINY[:-6],
+        "--train_batch_size",
+        "1",
+        "--structure_loss_weight",
+        "0.01",
+        "--output_dir",
+        str(tmp_path / "o3"),
+        launch=False,
     )
     assert result.returncode != 0 and "--train_batch_size >= 2" in result.stderr
