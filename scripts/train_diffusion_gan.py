@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_args(parser)
     add_training_args(parser)
     # GAN defaults for the generator's optimizer (StyleGAN2: Adam β = (0, 0.99), no clipping) and a GAN-scale EMA
-    parser.set_defaults(learning_rate=2e-4, adam_beta1=0.0, adam_beta2=0.99, max_grad_norm=0.0, ema_max_decay=0.999)
+    parser.set_defaults(
+        learning_rate=2e-4, adam_beta1=0.0, adam_beta2=0.99, max_grad_norm=0.0, ema_max_decay=0.999, lr_warmup_steps=0
+    )
     g = parser.add_argument_group("generator")
     g.add_argument("--latent_dim", type=int, default=64, help="Size of z (and of the mapped code w).")
     g.add_argument("--generator_base_channels", type=int, default=64, help="Width of the generator's last block.")
