@@ -64,6 +64,8 @@ def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
     [
         ["--structure_loss_weight", "0"],  # plain DSM
         [
+            "--structure_loss_weight",
+            "0.05",
             "--structure_warmup_steps",
             "0",
             "--structure_t_threshold",
