@@ -30,7 +30,7 @@ TOTAL_LIMIT = 2
 TINY = [
     "--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none",
     "--checkpointing_steps", "1", "--checkpoints_total_limit", str(TOTAL_LIMIT), "--logging_steps", "1000",
-    "--resume_from_checkpoint", "latest", "--structure_warmup_steps", "0", "--gan_loss_weight", "0.05",
+    "--resume_from_checkpoint", "latest", "--structure_loss_weight", "0.01", "--structure_warmup_steps", "0", "--gan_loss_weight", "0.05",
 ]  # fmt: skip
 
 
