@@ -45,6 +45,23 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "gan_adaptive_200": ("train_diffusion_gan.py", ["--diffusion", "adaptive", "--max_train_samples", "200"]),
     "gan_none_200": ("train_diffusion_gan.py", ["--diffusion", "none", "--max_train_samples", "200"]),
 }
+# Fine-tuning arms (the paper's setting: improve a converged DSM model). Each seed continues from the export of the same
+# seed of the `dsm` arm (which must have been run first), at the fine-tuning lr 1e-4 (the script's default for a
+# pretrained model) and with a structure warm-up of 100 steps; `ft_dsm` is their control (continued DSM only).
+FINETUNE_BASE = "dsm"
+FINETUNE = ["--pretrained_model_name_or_path", "{base}", "--structure_warmup_steps", "100"]
+SADM = ["--structure_loss_weight", "0.01"]
+ARMS.update({
+    "ft_dsm": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0"]),
+    "ft_sadm": ("train_sadm.py", [*FINETUNE, *SADM]),
+    "ft_sadm_distance": ("train_sadm.py", [*FINETUNE, *SADM, "--structure_relation", "distance",
+                                           "--structure_distance", "huber"]),
+    "ft_sadm_snr": ("train_sadm.py", [*FINETUNE, *SADM, "--structure_timestep_weighting", "snr"]),
+    "ft_sadm_strong": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0.03"]),
+    "ft_sadm_ratio2": ("train_sadm.py", [*FINETUNE, *SADM, "--disc_update_ratio", "2"]),
+    "ft_sadm_vit": ("train_sadm.py", [*FINETUNE, *SADM, "--disc_backbone", "vit"]),
+    "ft_gan_term": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01"]),
+})  # fmt: skip
 METRICS = ("accuracy", "fid", "precision", "recall")
 
 
@@ -92,6 +109,12 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
 
 def train_command(args, arm: str, seed: int, out: Path) -> list[str]:
     script, flags = ARMS[arm]
+    base = Path(args.output_root) / FINETUNE_BASE / f"seed{seed}"
+    if "{base}" in flags and not (base / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"Arm {arm} fine-tunes {base}, which does not exist: run --arms {FINETUNE_BASE} first."
+        )
+    flags = [flag.replace("{base}", str(base)) for flag in flags]
     evaluation = []
     if args.eval_steps:  # in-training evaluation with the script's digits defaults (accuracy, digits-FID)
         evaluation = ["--eval_steps", str(args.eval_steps), "--eval_num_samples", str(args.eval_num_samples)]
