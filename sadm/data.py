@@ -274,6 +274,7 @@ class ImageLabelDataset(Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         describe: Callable[[int], str] = str,
+        small_images: str = "upscale",
     ):
         self.load_image = load_image
         self.num_items = num_items
@@ -286,11 +287,45 @@ class ImageLabelDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.augment_seed = 0
+        self.small_images = small_images
         self.resize = transforms.Resize(resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
         self.normalize = transforms.Normalize([0.5] * num_channels, [0.5] * num_channels)
 
     def __len__(self) -> int:
         return self.num_items
+
+    def load(self, index: int) -> Image.Image:
+        """Image `index` in mode "L" or "RGB"; with `small_images="refuse"`, one smaller than the resolution stops the run."""
+        try:
+            image = to_mode(self.load_image(index), self.num_channels)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Cannot read image {self.describe(index)}: {error}") from error
+        if self.small_images == "refuse" and min(image.size) < self.resolution:
+            raise ValueError(
+                f"Image {self.describe(index)} is {image.size[0]}x{image.size[1]}, smaller than --resolution "
+                f"{self.resolution} (--small_images refuse; 'upscale' resizes it up)."
+            )
+        return image
+
+    def draw_flip(self, key: int, seed: int | None = None) -> bool:
+        """The flip `__getitem__` applies to `key` when no random crop is drawn first (the latent cache replays it)."""
+        seed = self.augment_seed if seed is None else seed
+        return bool(torch.rand((), generator=augment_generator(seed, key)) < 0.5)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` resized and cropped to `[C, H, W]` in [-1, 1] without random augmentation (for caching).
+
+        A random crop cannot be replayed from a cache: an image that `__getitem__` would crop at random raises."""
+        image = self.resize(self.load(index))
+        if self.center_crop:
+            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
+        elif image.size != (self.resolution, self.resolution):
+            raise ValueError(
+                f"Image {self.describe(index)} is {image.size[0]}x{image.size[1]} after resizing to --resolution "
+                f"{self.resolution} and would be cropped at random, which a latent cache cannot replay: pass "
+                "--center_crop with --cache_latents."
+            )
+        return self.normalize(transforms.functional.to_tensor(image))
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         """`key` is an index, or `epoch * len(self) + index` as `EpochShuffleSampler` yields it.
@@ -300,11 +335,8 @@ class ImageLabelDataset(Dataset):
         number of workers.
         """
         index = key % self.num_items
-        try:
-            image = to_mode(self.load_image(index), self.num_channels)
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"Cannot read image {self.describe(index)}: {error}") from error
-        generator = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + key)
+        image = self.load(index)
+        generator = augment_generator(self.augment_seed, key)
         image = self.resize(image)
         width, height = image.size
         if self.center_crop:
@@ -320,6 +352,11 @@ class ImageLabelDataset(Dataset):
         if self.labels is not None:
             item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
         return item
+
+
+def augment_generator(seed: int, key: int) -> torch.Generator:
+    """The generator of one sample's crop and flip draws, fixed by the seed and the sampler key."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + key)
 
 
 def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
@@ -368,6 +405,7 @@ def load_train_dataset(
     cache_dir: str | None = None,
     unconditional: bool = False,
     on_bad_image: str = "error",
+    small_images: str = "upscale",
 ) -> ImageLabelDataset:
     """Build the training set from whichever source is given (see the module docstring).
 
@@ -379,8 +417,12 @@ def load_train_dataset(
         on_bad_image (`str`): "error" (default) stops on an unreadable or truncated image file, or a row without a label,
             naming it; "skip" drops them with one warning giving their count and a few names. Image files are decoded
             once up front; 🤗 dataset rows are checked for labels only (their images decode lazily).
+        small_images (`str`): images smaller than `resolution` on their short side are "upscale"d (with one warning
+            giving their count) or stop the run naming the first ("refuse", checked up front for every image).
     """
     check_on_bad_image(on_bad_image)
+    if small_images not in ("upscale", "refuse"):
+        raise ValueError(f"--small_images must be 'upscale' or 'refuse', got {small_images!r}.")
     if dataset_name is not None and train_data_dir is not None:
         raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
     if resolution < 1:
@@ -443,6 +485,9 @@ def load_train_dataset(
 
         describe = lambda index: f"{dataset_name}[{index}]"  # noqa: E731
         num_items = len(data)
+        # 🤗 rows decode lazily: only "refuse" pays for opening every image up front
+        image_size = lambda index: load_image(index).size  # noqa: E731
+        sized = range(num_items) if small_images == "refuse" else range(min(num_items, 1))
     else:
         folder = Path(train_data_dir) if train_data_dir is not None else digits_image_folder(cache_dir)
         files, labels, id2label = scan_image_folder(folder, label_column, on_bad_image)
@@ -457,24 +502,38 @@ def load_train_dataset(
         def load_image(index: int) -> Image.Image:
             return _open(files[index])
 
+        def image_size(index: int) -> tuple[int, int]:
+            with Image.open(files[index]) as image:  # the header only
+                return image.size
+
         describe = lambda index: str(files[index])  # noqa: E731
         num_items = len(files)
+        sized = range(num_items)
 
     if num_items == 0:
         raise ValueError("The training set is empty (check --max_train_samples and the data source).")
     first = load_image(0)
     if num_channels is None:
         num_channels = image_channels(first)
-    if min(first.size) < resolution and train_data_dir is None and dataset_name is None:
-        pass  # the embedded digits are 8x8 by design and upscaled to --resolution
-    elif min(first.size) < resolution:
+    small = [(index, size) for index in sized if min(size := image_size(index)) < resolution]
+    if small and small_images == "refuse":
+        index, (width, height) = small[0]
+        raise ValueError(
+            f"{len(small)} image(s) are smaller than --resolution {resolution}, e.g. {describe(index)} is "
+            f"{width}x{height} (--small_images refuse; 'upscale' resizes them up)."
+        )
+    # the embedded 8x8 digits are upscaled by design; other small images warn once
+    if small and (train_data_dir is not None or dataset_name is not None):
+        index, (width, height) = small[0]
         warnings.warn(
-            f"Images are smaller than --resolution {resolution} (first one is {first.size[0]}x{first.size[1]}); they are upscaled.",
+            f"{len(small)} image(s) are smaller than --resolution {resolution} (e.g. {describe(index)} is "
+            f"{width}x{height}); they are upscaled (--small_images refuse stops instead).",
             stacklevel=2,
         )
     return ImageLabelDataset(
-        load_image, num_items, labels, id2label, num_channels, resolution, center_crop, random_flip, describe
-    )
+        load_image, num_items, labels, id2label, num_channels, resolution, center_crop, random_flip, describe,
+        small_images,
+    )  # fmt: skip
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -513,6 +572,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="Unreadable/truncated image files and rows without a label: stop naming the first (error) or drop them "
         "with one warning (skip).",
     )
+    group.add_argument(
+        "--small_images",
+        type=str,
+        default="upscale",
+        choices=["upscale", "refuse"],
+        help="Images smaller than --resolution: resize them up with one warning (upscale) or stop naming one (refuse).",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     group.add_argument(
         "--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder."
@@ -534,4 +600,5 @@ def load_train_dataset_from_args(args: argparse.Namespace) -> ImageLabelDataset:
         cache_dir=args.data_cache_dir,
         unconditional=args.unconditional,
         on_bad_image=getattr(args, "on_bad_image", "error"),  # scripts built without the flag keep the strict default
+        small_images=getattr(args, "small_images", "upscale"),
     )

@@ -19,7 +19,7 @@ import os
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from sadm.pipelines import pipeline_sadm_dit
@@ -35,6 +35,20 @@ from sadm.diffusion_gan import (
     diffusion_gan_generator_loss,
 )
 from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.latents import (
+    build_latent_cache,
+    check_noise_schedule,
+    check_transformer_fits_latents,
+    check_vae_fits,
+    collate_latents,
+    decode_latents,
+    encode_moments,
+    load_latent_cache,
+    load_vae,
+    pretrained_components,
+    sample_latents,
+    vae_downsample_factor,
+)
 from sadm.losses import denoising_loss, predict_x0, training_target, vlb_loss
 from sadm.losses.structure import structure_timestep_weights
 from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout
@@ -89,7 +103,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="A pipeline folder or hub id with a transformer/ subfolder (e.g. a previous export) to fine-tune.",
+        help="A pipeline folder or hub id with a transformer/ subfolder to fine-tune: a previous export, or the "
+        "facebook/DiT-XL-2-256 layout (transformer/, vae/, scheduler/; its VAE makes the run latent).",
+    )
+    g.add_argument(
+        "--vae_name_or_path",
+        type=str,
+        default=None,
+        help="An AutoencoderKL (folder, hub id, or a pipeline with a vae/): train on its latents. Default: the "
+        "pretrained pipeline's vae/ if it has one, else pixel space.",
+    )
+    g.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode the data once (posterior moments of each image and of its flip) into --data_cache_dir, or "
+        "<output_dir>/latent_cache; a fresh latent is still sampled every step.",
     )
     g.add_argument(
         "--learn_sigma", action="store_true", help="Output 2C channels and train the improved-DDPM hybrid loss."
@@ -155,8 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument(
         "--gan_t_threshold", type=int, default=250, help="t < this feeds the GAN term under 'threshold' (ours)."
     )
-    d.add_argument("--x0_clip", type=float, default=1.0,
-                   help="Clamp x̂₀ to [-c, c] before the adversarial terms (pixel data lie in [-1, 1]); 0 disables (latents).")  # fmt: skip
+    d.add_argument("--disc_input", type=str, default="latent", choices=["latent", "pixel"],
+                   help="Latent models: the discriminators see latents, or VAE-decoded pixels (decoder frozen, gradients flow through it into x̂₀).")  # fmt: skip
+    d.add_argument("--x0_clip", type=float, default=None,
+                   help="Clamp what the adversarial terms see to [-c, c]; 0 disables. Default: 1 for pixels (data lie in [-1, 1]), 0 for latents.")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.resolution <= 0:
@@ -166,7 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
     if args.gradient_accumulation_steps < 1:
         parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
-    if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
+    no_model = args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None
+    if no_model and args.vae_name_or_path is None:  # with a VAE the latent size is checked once the VAE is loaded
         patch = DIT_PRESETS[args.model]["patch_size"]
         if args.resolution % patch:
             parser.error(
@@ -212,21 +243,26 @@ STRUCTURE_FLAGS = {
 GAN_FLAGS = {"weight": "gan_loss_weight"}
 
 
-def build_model(args, num_channels: int, num_classes: int) -> DiTTransformer2DModel:
+def build_model(
+    args, num_channels: int, num_classes: int, vae: AutoencoderKL | None = None, vae_source: str | None = None
+) -> DiTTransformer2DModel:
+    """The denoiser: pretrained (components checked by `pretrained_components`), from a config, or a preset; on the
+    VAE's latents when there is a VAE, else on pixels."""
     if args.pretrained_model_name_or_path is not None:
-        folder = args.pretrained_model_name_or_path
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "transformer", "config.json")):
-            raise ValueError(
-                f"--pretrained_model_name_or_path {folder} has no transformer/ component (transformer/config.json)."
-            )
-        model = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+        model = DiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
         source = f"{args.pretrained_model_name_or_path}/transformer"
     elif args.model_config_name_or_path is not None:
         model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(args.model_config_name_or_path))
         source = args.model_config_name_or_path
+    elif vae is not None:
+        latent_size = args.resolution // vae_downsample_factor(vae)
+        return build_dit(args.model, latent_size, vae.config.latent_channels, num_classes, args.learn_sigma)
     else:
         return build_dit(args.model, args.resolution, num_channels, num_classes, args.learn_sigma)
-    check_dit_fits(model, args.resolution, num_channels, source)
+    if vae is not None:
+        check_transformer_fits_latents(model, vae, vae_source, args.resolution, source)
+    else:
+        check_dit_fits(model, args.resolution, num_channels, source)
     if num_classes and model.config.num_embeds_ada_norm != num_classes:
         raise ValueError(
             f"{source} has {model.config.num_embeds_ada_norm} classes but the data has {num_classes}; "
@@ -275,8 +311,8 @@ def make_disc_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def make_pipeline(transformer, noise_scheduler: DDPMScheduler, id2label) -> SADMDiTPipeline:
-    return SADMDiTPipeline(transformer=transformer, scheduler=noise_scheduler, vae=None, id2label=id2label)
+def make_pipeline(transformer, noise_scheduler: DDPMScheduler, id2label, vae: AutoencoderKL | None) -> SADMDiTPipeline:
+    return SADMDiTPipeline(transformer=transformer, scheduler=noise_scheduler, vae=vae, id2label=id2label)
 
 
 def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
@@ -289,13 +325,29 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
+    # ---- a pretrained pipeline's components and the VAE (latent training), checked before any data is read
+    components = {}
+    if args.pretrained_model_name_or_path is not None:
+        components = pretrained_components(args.pretrained_model_name_or_path)
+        if "scheduler" in components:
+            check_noise_schedule(args.pretrained_model_name_or_path, args.num_train_timesteps)
+    vae, vae_source = load_vae(args.vae_name_or_path, args.pretrained_model_name_or_path, components)
+    if vae is None and args.cache_latents:
+        raise ValueError("--cache_latents needs a VAE: --vae_name_or_path, or a pretrained pipeline with a vae/.")
+    if args.x0_clip is None:  # pixels lie in [-1, 1]; latents have no fixed range
+        args.x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
+
     # ---- data: the class count and names come from the data and go into the export
     dataset = load_train_dataset_from_args(args)
     num_classes, id2label = dataset.num_classes, dataset.id2label
     logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
+    if vae is not None:
+        latent_channels, latent_size = check_vae_fits(vae, vae_source, args.resolution, dataset.num_channels)
+        logger.info(f"Latent training: {vae_source} encodes to {latent_channels}x{latent_size}x{latent_size}")
+        vae.to(accelerator.device)
 
     # ---- models, optimizer, EMA
-    model = build_model(args, dataset.num_channels, num_classes)
+    model = build_model(args, dataset.num_channels, num_classes, vae, vae_source)
     learn_sigma = model.config.out_channels == 2 * model.config.in_channels
     null_class = model.config.num_embeds_ada_norm  # the null row of the label table: id = class count
     if args.gradient_checkpointing:
@@ -342,6 +394,8 @@ def main(args: argparse.Namespace) -> None:
     struct_cfg, gan_cfg = args.structure, args.diffusion_gan
     use_structure, use_gan = struct_cfg.weight > 0, gan_cfg.weight > 0
     channels, size = model.config.in_channels, model.config.sample_size
+    if vae is not None and args.disc_input == "pixel":  # the discriminators see decoded images
+        channels, size = dataset.num_channels, args.resolution
     struct_disc = struct_opt = gan_disc = gan_opt = diffusion = None
     if use_structure:
         struct_disc = build_structure_discriminator(args, channels, size, num_classes)
@@ -358,8 +412,16 @@ def main(args: argparse.Namespace) -> None:
         gan_opt = make_disc_optimizer(args, gan_disc)
         diffusion = build_adaptive_diffusion(gan_cfg, seed=args.seed).to(accelerator.device)
 
+    train_set, collate = dataset, collate_fn
+    if args.cache_latents:  # main process encodes, the others then find the finished file
+        cache_dir = args.data_cache_dir or os.path.join(args.output_dir, "latent_cache")
+        with accelerator.main_process_first():
+            path = build_latent_cache(
+                dataset, vae, cache_dir, args.train_batch_size, disable_progress=not accelerator.is_local_main_process
+            )
+        train_set, collate = load_latent_cache(path, dataset), collate_latents
     train_dataloader = make_dataloader(
-        dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
+        train_set, args.train_batch_size, args.seed, args.dataloader_num_workers, collate
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -420,7 +482,7 @@ def main(args: argparse.Namespace) -> None:
             ema.store(unwrapped.parameters())
             ema.copy_to(unwrapped.parameters())
         unwrapped.eval()
-        pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label)
+        pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
         pipeline.set_progress_bar_config(disable=True)
         images = pipeline(
             class_labels=validation_labels(args.num_validation_images, num_classes),
@@ -447,7 +509,7 @@ def main(args: argparse.Namespace) -> None:
                 ema.store(unwrapped.parameters())
                 ema.copy_to(unwrapped.parameters())
             unwrapped.eval()
-            pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label)
+            pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
             results, is_best = evaluator.evaluate(pipeline, step)
             if is_best and accelerator.is_main_process:
                 assert_finite_parameters({"transformer": unwrapped})
@@ -489,7 +551,11 @@ def main(args: argparse.Namespace) -> None:
             else train_dataloader
         )
         for batch in batches:
-            x0 = batch["pixel_values"]  # [B, C, H, W] in [-1, 1]
+            if vae is None:
+                x0 = batch["pixel_values"]  # [B, C, H, W] in [-1, 1]
+            else:  # z₀ = s·(μ + σ·n): a fresh posterior sample every step, from cached or freshly encoded moments
+                moments = batch["latent_moments"] if args.cache_latents else encode_moments(vae, batch["pixel_values"])
+                x0 = sample_latents(moments, vae.config.scaling_factor)  # [B, c, h, w]
             bsz = x0.shape[0]
             labels = batch["class_labels"]
             if labels is not None:
@@ -519,12 +585,18 @@ def main(args: argparse.Namespace) -> None:
                 stats["loss_dsm"] = loss_dsm.detach().mean()
                 if use_structure or use_gan:
                     x0_hat = predict_x0(prediction, x_t, timesteps, alphas_cumprod, args.prediction_type)
+                    disc_real, disc_fake = x0, x0_hat  # what the discriminators compare
+                    if vae is not None and args.disc_input == "pixel":  # through the frozen decoder, into x̂₀
+                        with torch.no_grad():
+                            disc_real = decode_latents(vae, x0)
+                        disc_fake = decode_latents(vae, x0_hat)
                     if args.x0_clip > 0:
-                        x0_hat = x0_hat.clamp(-args.x0_clip, args.x0_clip)
+                        disc_real = disc_real.clamp(-args.x0_clip, args.x0_clip)
+                        disc_fake = disc_fake.clamp(-args.x0_clip, args.x0_clip)
                 if use_structure:
                     frozen = accelerator.unwrap_model(struct_disc).requires_grad_(False)  # no DDP hooks in this step
                     loss_struct, s_stats = structure_denoiser_loss(
-                        frozen, x0, x0_hat, timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
+                        frozen, disc_real, disc_fake, timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
                         accelerator.process_index,
                     )  # fmt: skip
                     lam = structure_weight_at(global_step, struct_cfg)
@@ -542,7 +614,7 @@ def main(args: argparse.Namespace) -> None:
                     gan_weights = structure_timestep_weights(
                         timesteps, alphas_cumprod, args.gan_timestep_weighting, t_threshold=args.gan_t_threshold
                     )
-                    loss_g, g_stats = diffusion_gan_generator_loss(frozen, diffusion, x0_hat, labels, gan_cfg)
+                    loss_g, g_stats = diffusion_gan_generator_loss(frozen, diffusion, disc_fake, labels, gan_cfg)
                     loss = loss + gan_cfg.weight * (loss_g * gan_weights).mean()
                     stats.update(loss_gan_g=(loss_g * gan_weights).detach().mean(), **g_stats)
                 stats["loss"] = loss.detach()
@@ -571,7 +643,7 @@ def main(args: argparse.Namespace) -> None:
                 for _ in range(struct_cfg.disc_update_ratio):
                     with contextlib.nullcontext() if sync else accelerator.no_sync(struct_disc):
                         loss_d, d_stats = structure_discriminator_loss(
-                            struct_disc, x0, x0_hat.detach(), timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
+                            struct_disc, disc_real, disc_fake.detach(), timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
                             accelerator.process_index,
                         )  # fmt: skip
                         accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
@@ -584,7 +656,7 @@ def main(args: argparse.Namespace) -> None:
                 for _ in range(gan_cfg.disc_update_ratio):
                     with contextlib.nullcontext() if sync else accelerator.no_sync(gan_disc):
                         loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
-                            gan_disc, diffusion, x0, x0_hat.detach(), labels, gan_cfg, d_step
+                            gan_disc, diffusion, disc_real, disc_fake.detach(), labels, gan_cfg, d_step
                         )
                         accelerator.backward((loss_d * gan_weights).mean())
                     pending_real_logits.append(accelerator.gather(real_logits))
@@ -652,7 +724,7 @@ def main(args: argparse.Namespace) -> None:
         if ema is not None:
             ema.copy_to(transformer.parameters())
         assert_finite_parameters({"transformer": transformer})
-        pipeline = make_pipeline(transformer, DDPMScheduler.from_config(noise_scheduler.config), id2label)
+        pipeline = make_pipeline(transformer, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
 
         def write(folder: str) -> None:
             pipeline.save_pretrained(folder)
@@ -671,7 +743,8 @@ def main(args: argparse.Namespace) -> None:
                 [
                     f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
                     f"- Model: {args.pretrained_model_name_or_path or args.model_config_name_or_path or args.model}, "
-                    f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, learned σ: {learn_sigma}.",
+                    f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, learned σ: {learn_sigma}, "
+                    f"{f'latent (VAE {vae_source}, discriminators on {args.disc_input}s)' if vae is not None else 'pixel space'}.",
                     f"- Objective: {args.prediction_type} prediction; SADM structure loss: {struct_cfg if use_structure else 'off'}; "
                     f"Diffusion-GAN term: {gan_cfg if use_gan else 'off'}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",

@@ -45,3 +45,77 @@ def run_script(script: str, *args: str, launch: bool = True, timeout: int = 300,
     else:
         cmd = [sys.executable, str(REPO / "scripts" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO))
+
+
+def write_dit_replica(
+    root: Path,
+    resolution: int = 16,
+    learn_sigma: bool = True,
+    num_classes: int = 1000,
+    seed: int = 0,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """A tiny local copy of the `facebook/DiT-XL-2-256` layout (`transformer/`, `vae/`, `scheduler/`, `model_index.json`).
+
+    Same config keys and classes as the hub repo (a `Transformer2DModel`-named ada-norm-zero DiT with learned σ and 1000
+    classes, an `AutoencoderKL` with a `scaling_factor`, a `DDIMScheduler` with DiT's linear β), at toy widths: the VAE
+    downsamples 2x (DiT-XL-2-256's downsamples 8x) into 4 latent channels. `drop` leaves components out (bad-input tests).
+    """
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    latent_size = resolution // 2
+    transformer = DiTTransformer2DModel(
+        in_channels=4,
+        out_channels=8 if learn_sigma else 4,
+        sample_size=latent_size,
+        patch_size=2,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=num_classes,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 8],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=resolution,
+        scaling_factor=0.18215,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    components = {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+    for name, component in components.items():
+        if name not in drop:
+            component.save_pretrained(root / name)
+    if "transformer" not in drop:  # the hub config names the legacy class and carries its unused keys
+        path = root / "transformer" / "config.json"
+        config = json.loads(path.read_text())
+        config.update(
+            _class_name="Transformer2DModel",
+            cross_attention_dim=None,
+            num_vector_embeds=None,
+            only_cross_attention=False,
+            use_linear_projection=False,
+        )
+        path.write_text(json.dumps(config, indent=2))
+    index = {
+        "_class_name": "DiTPipeline",
+        "_diffusers_version": "0.12.0.dev0",
+        "id2label": {str(i): f"class {i}" for i in range(num_classes)},
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "transformer": ["diffusers", "Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root

@@ -78,15 +78,19 @@ def build_dit(
 
 
 def check_dit_fits(
-    model: DiTTransformer2DModel, sample_size: int, in_channels: int, source: str = "the model"
+    model: DiTTransformer2DModel,
+    sample_size: int,
+    in_channels: int,
+    source: str = "the model",
+    inputs: str = "the data",
 ) -> None:
-    """Raise a clear error when a DiT cannot take inputs of the given shape."""
+    """Raise a clear error when a DiT cannot take inputs of the given shape (`inputs` names where they come from)."""
     config = model.config
     if config.in_channels != in_channels:
-        raise ValueError(f"{source} has in_channels={config.in_channels} but the data has {in_channels} channels.")
+        raise ValueError(f"{source} has in_channels={config.in_channels} but {inputs} has {in_channels} channels.")
     if config.sample_size != sample_size:
         raise ValueError(
-            f"{source} has sample_size={config.sample_size} but the data gives {sample_size}x{sample_size} inputs."
+            f"{source} has sample_size={config.sample_size} but {inputs} gives {sample_size}x{sample_size} inputs."
         )
     if sample_size % config.patch_size != 0:
         raise ValueError(
