@@ -135,8 +135,9 @@ def describe_latents(source: str, vae: AutoencoderKL, resolution: int) -> str:
 def encode_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
     """Posterior moments of images in [-1, 1]: `[B, C, H, W]` -> `[B, 2c, h, w]` = (μ, log σ²) along channels."""
     posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    # posterior.logvar is clamped to [-30, 20], as diffusers samples it
-    return torch.cat([posterior.mean, posterior.logvar], dim=1).float()
+    # posterior.logvar is clamped to [-30, 20], as diffusers samples it. Contiguous: CPU convolutions may return
+    # channels-last tensors, and `randn_like` of a differently laid out tensor draws other numbers (cached != uncached)
+    return torch.cat([posterior.mean, posterior.logvar], dim=1).float().contiguous()
 
 
 def sample_latents(
@@ -145,7 +146,7 @@ def sample_latents(
     """z₀ = s · (μ + σ·n), n ~ N(0, I) from `generator` (the global RNG by default, so a resumed run draws the same n)."""
     mean, logvar = moments.chunk(2, dim=1)  # [B, c, h, w] each
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+    return (scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)).contiguous()
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -393,17 +393,18 @@ def main(args: argparse.Namespace) -> None:
     # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
     struct_cfg, gan_cfg = args.structure, args.diffusion_gan
     use_structure, use_gan = struct_cfg.weight > 0, gan_cfg.weight > 0
-    channels, size = model.config.in_channels, model.config.sample_size
+    channels = model.config.in_channels
+    disc_channels, disc_size = channels, model.config.sample_size
     if vae is not None and args.disc_input == "pixel":  # the discriminators see decoded images
-        channels, size = dataset.num_channels, args.resolution
+        disc_channels, disc_size = dataset.num_channels, args.resolution
     struct_disc = struct_opt = gan_disc = gan_opt = diffusion = None
     if use_structure:
-        struct_disc = build_structure_discriminator(args, channels, size, num_classes)
+        struct_disc = build_structure_discriminator(args, disc_channels, disc_size, num_classes)
         struct_opt = make_disc_optimizer(args, struct_disc)
     if use_gan:
         gan_disc = TimestepDiscriminator(
-            in_channels=channels,
-            sample_size=size,
+            in_channels=disc_channels,
+            sample_size=disc_size,
             trunk=args.gan_disc_trunk,
             base_channels=args.disc_base_channels,
             t_conditioning=args.gan_disc_trunk != "projected",

@@ -1,0 +1,230 @@
+"""Fine-tuning a pretrained DiT in the diffusers layout, on VAE latents: the tiny `facebook/DiT-XL-2-256` replica of
+tests/helpers.py, the latent cache and its flips, the discriminators on decoded pixels, and every bad-input error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
+from helpers import run_script, write_class_folder, write_dit_replica
+from PIL import Image
+from safetensors.torch import load_file
+
+import sadm  # noqa: F401  (registers SADMDiTPipeline on diffusers)
+from sadm.data import load_train_dataset
+from sadm.latents import (
+    build_latent_cache,
+    check_noise_schedule,
+    check_transformer_fits_latents,
+    check_vae_fits,
+    decode_latents,
+    encode_moments,
+    load_latent_cache,
+    load_vae,
+    pretrained_components,
+    sample_latents,
+)
+from sadm.losses import predict_x0
+from sadm.models.structure_discriminator import StructureDiscriminator
+from sadm.structure import StructureConfig, structure_denoiser_loss
+
+COMMON = ["--resolution", "16", "--train_batch_size", "4", "--report_to", "none", "--validation_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    return write_dit_replica(tmp_path_factory.mktemp("dit") / "DiT-XL-2-256-tiny")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # integer class names keep their ids: the data's labels fit the pretrained 1000-class table
+    return write_class_folder(tmp_path_factory.mktemp("data"), classes=("0", "207", "999"), per_class=3, size=16)
+
+
+def weights(folder, sub="transformer"):
+    return load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def test_finetune_replica_exports_a_latent_pipeline_that_dit_pipeline_loads(tmp_path, replica, data_dir):
+    out = tmp_path / "run"
+    result = run_script(
+        "train_sadm.py", *COMMON, "--pretrained_model_name_or_path", str(replica), "--train_data_dir", str(data_dir),
+        "--output_dir", str(out), "--max_train_steps", "2", "--random_flip", "--disc_input", "pixel",
+        "--structure_loss_weight", "0.05", "--structure_warmup_steps", "0", "--structure_t_threshold", "1000",
+        "--gan_loss_weight", "0.05",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "SADMDiTPipeline" and isinstance(pipe.vae, AutoencoderKL)
+    assert pipe.transformer.config.out_channels == 8 and pipe.transformer.config.num_embeds_ada_norm == 1000
+    images = pipe(class_labels=[0, 999], num_inference_steps=2, guidance_scale=4.0, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    # fine-tuned: the transformer moved, the frozen VAE is exported unchanged
+    before, after = weights(replica), weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    vae_before, vae_after = weights(replica, "vae"), weights(out, "vae")
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    # the discriminators judged decoded 16x16 RGB images, not 4x8x8 latents
+    for sub in ("discriminator", "timestep_discriminator"):
+        config = json.loads((out / sub / "config.json").read_text())
+        assert (config["in_channels"], config["sample_size"]) == (3, 16)
+    # diffusers' own DiTPipeline: its sampler drops the learned σ, so it takes the export's betas in a DDIM scheduler
+    dit = DiTPipeline.from_pretrained(out, scheduler=DDIMScheduler.from_pretrained(out, subfolder="scheduler"))
+    generator = torch.Generator().manual_seed(0)
+    images = dit(class_labels=[0, 999], num_inference_steps=2, guidance_scale=4.0, generator=generator).images
+    assert len(images) == 2 and images[0].size == (16, 16)
+
+
+def logged(folder, tag="loss_dsm") -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in (folder / "logs").rglob("events.out.tfevents*"):  # one file holds the scalars, one the hparams
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            return [event.value for event in accumulator.Scalars(tag)]
+    raise AssertionError(f"no {tag} logged under {folder}")
+
+
+@pytest.mark.slow
+def test_cached_latents_train_as_uncached_and_resume_exactly(tmp_path, replica, data_dir):
+    common = [*COMMON, "--pretrained_model_name_or_path", str(replica), "--train_data_dir", str(data_dir),
+              "--random_flip", "--no-use_ema", "--checkpointing_steps", "2", "--report_to", "tensorboard",
+              "--logging_steps", "1"]  # fmt: skip
+    runs = {
+        "uncached": [*common, "--max_train_steps", "4"],
+        "cached": [*common, "--cache_latents", "--max_train_steps", "4"],
+        "resumed": [*common, "--cache_latents", "--max_train_steps", "2"],
+    }
+    for name, args in runs.items():
+        result = run_script("train_sadm.py", *args, "--output_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(
+        "train_sadm.py", *runs["resumed"][:-1], "4", "--resume_from_checkpoint", "latest",
+        "--output_dir", str(tmp_path / "resumed"),
+    )  # fmt: skip
+    assert result.returncode == 0 and "Resuming from" in result.stdout + result.stderr, result.stderr[-3000:]
+    assert len(list((tmp_path / "cached" / "latent_cache").glob("latents-*.pt"))) == 1
+    cached, resumed = weights(tmp_path / "cached"), weights(tmp_path / "resumed")
+    assert all(torch.equal(cached[k], resumed[k]) for k in cached), "a resumed cached run differs"
+    # the same flips and posterior noise at every step: the same losses, up to the VAE's batch-size-dependent float
+    # rounding (a wrong flip or another noise draw changes the latents, hence the loss, by far more than 1e-4)
+    uncached_losses, cached_losses = logged(tmp_path / "uncached"), logged(tmp_path / "cached")
+    assert len(uncached_losses) == 4 and len(set(uncached_losses)) == 4
+    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=1e-4)
+
+
+def test_latent_cache_replays_flips_and_holds_the_flipped_images_moments(tmp_path, replica, data_dir):
+    images = load_train_dataset(train_data_dir=str(data_dir), resolution=16, random_flip=True)
+    images.augment_seed = 3
+    vae, source = load_vae(None, str(replica), pretrained_components(str(replica)))
+    path = build_latent_cache(images, vae, tmp_path / "cache", batch_size=4, disable_progress=True)
+    cache = load_latent_cache(path, images)
+    assert len(cache) == len(images) == 9
+    flips = []
+    for key in range(2 * len(images)):  # two epochs of sampler keys
+        expected = encode_moments(vae, images[key]["pixel_values"][None])[0]  # the uncached path, flips included
+        item = cache[key]
+        assert torch.allclose(item["latent_moments"], expected, atol=1e-5), key
+        assert item["class_labels"] == images[key]["class_labels"]
+        flips.append(images.draw_flip(key))
+    assert 0 < sum(flips) < len(flips)  # both branches are exercised
+    flipped = flips.index(True)
+    plain = encode_moments(vae, images.pixels(flipped % len(images))[None])[0]
+    assert not torch.allclose(plain, cache[flipped]["latent_moments"], atol=1e-3)  # the flip matters
+    # reused as is; other settings get another file
+    assert build_latent_cache(images, vae, tmp_path / "cache", disable_progress=True) == path
+    other = load_train_dataset(train_data_dir=str(data_dir), resolution=16, random_flip=True, center_crop=True)
+    assert build_latent_cache(other, vae, tmp_path / "cache", disable_progress=True) != path
+
+
+def test_latent_cache_refuses_random_crops(tmp_path, replica):
+    data = write_class_folder(tmp_path / "wide", classes=("0",), per_class=1, size=16)
+    Image.new("RGB", (24, 16)).save(data / "0" / "wide.png")
+    images = load_train_dataset(train_data_dir=str(data), resolution=16)
+    vae, _ = load_vae(None, str(replica), pretrained_components(str(replica)))
+    with pytest.raises(ValueError, match=r"wide\.png is 24x16 after resizing.*--center_crop"):
+        build_latent_cache(images, vae, tmp_path / "cache", disable_progress=True)
+
+
+def test_sample_latents_is_the_scaled_posterior_sample():
+    moments = torch.randn(2, 8, 3, 3)
+    mean, logvar = moments.chunk(2, dim=1)
+    expected = 0.5 * (
+        mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    )
+    torch.testing.assert_close(sample_latents(moments, 0.5, torch.Generator().manual_seed(1)), expected)
+
+
+def test_discriminator_on_decoded_pixels_sends_gradients_into_the_denoiser(replica):
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel.from_pretrained(replica, subfolder="transformer")
+    vae, _ = load_vae(None, str(replica), pretrained_components(str(replica)))
+    disc = StructureDiscriminator(in_channels=3, sample_size=16, embed_dim=16, base_channels=8).requires_grad_(False)
+    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+    x0 = sample_latents(torch.randn(4, 8, 8, 8), vae.config.scaling_factor)  # [4, 4, 8, 8] latents
+    timesteps = torch.tensor([10, 20, 30, 40])
+    noise = torch.randn_like(x0)
+    a = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps = transformer(x_t, timestep=timesteps, class_labels=torch.tensor([0, 1, 2, 3])).sample[:, :4]
+    x0_hat = predict_x0(eps, x_t, timesteps, alphas_cumprod, "epsilon")
+    with torch.no_grad():
+        real = decode_latents(vae, x0)
+    fake = decode_latents(vae, x0_hat)  # [4, 3, 16, 16]
+    assert fake.shape == (4, 3, 16, 16) and fake.requires_grad
+    config = StructureConfig(weight=1.0, t_threshold=1000, warmup_steps=0)
+    loss, _ = structure_denoiser_loss(disc, real, fake, timesteps, alphas_cumprod, config)
+    loss.mean().backward()
+    grads = [p.grad for p in transformer.parameters()]
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    assert all(p.grad is None for p in vae.parameters())  # the decoder is frozen
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("component", ["transformer", "vae", "scheduler"])
+def test_missing_component_is_named(tmp_path, component):
+    folder = write_dit_replica(tmp_path / "broken", drop=(component,))
+    with pytest.raises(ValueError, match=rf"has no {component}/ component.*{component}/"):
+        pretrained_components(str(folder))
+
+
+def test_transformer_that_does_not_fit_the_vae_latents_is_named(tmp_path, replica):
+    vae, source = load_vae(None, str(replica), pretrained_components(str(replica)))
+    transformer = DiTTransformer2DModel.from_pretrained(replica, subfolder="transformer")
+    with pytest.raises(
+        ValueError, match=r"sample_size=8 but the VAE .*vae.*downsampling 2x: --resolution 32 -> 16x16"
+    ):
+        check_transformer_fits_latents(transformer, vae, source, 32, "replica/transformer")
+    eight = AutoencoderKL.from_config({**vae.config, "latent_channels": 8})
+    with pytest.raises(ValueError, match=r"in_channels=4 but the VAE other .*latent_channels=8"):
+        check_transformer_fits_latents(transformer, eight, "other", 16, "replica/transformer")
+    with pytest.raises(ValueError, match=r"encodes 3-channel images but the data has 1 channel.*--num_channels 3"):
+        check_vae_fits(vae, source, 16, 1)
+    with pytest.raises(ValueError, match=r"--resolution 15 is not divisible by the VAE's downsampling factor 2"):
+        check_vae_fits(vae, source, 15, 3)
+    with pytest.raises(ValueError, match=r"scheduler was trained with num_train_timesteps=1000 but .*=500"):
+        check_noise_schedule(str(replica), 500)
+    check_noise_schedule(str(replica), 1000)
+
+
+def test_script_stops_on_a_resolution_the_pretrained_dit_does_not_fit(tmp_path, replica, data_dir):
+    out = tmp_path / "run"
+    result = run_script(
+        "train_sadm.py", *COMMON[2:], "--resolution", "32", "--pretrained_model_name_or_path", str(replica),
+        "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "1",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "transformer has sample_size=8" in result.stderr and "--resolution 32 -> 16x16 latents" in result.stderr
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_small_images_are_upscaled_with_a_warning_or_refused(tmp_path):
+    data = write_class_folder(tmp_path / "small", classes=("a",), per_class=2, size=8)
+    with pytest.warns(UserWarning, match=r"2 image\(s\) are smaller than --resolution 16 .*8x8.*upscaled"):
+        dataset = load_train_dataset(train_data_dir=str(data), resolution=16)
+    assert dataset[0]["pixel_values"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"smaller than --resolution 16, e\.g\. .*0\.png is 8x8.*--small_images"):
+        load_train_dataset(train_data_dir=str(data), resolution=16, small_images="refuse")
