@@ -315,6 +315,13 @@ def make_pipeline(transformer, noise_scheduler: DDPMScheduler, id2label, vae: Au
     return SADMDiTPipeline(transformer=transformer, scheduler=noise_scheduler, vae=vae, id2label=id2label)
 
 
+# how diffusers' own DiTPipeline samples a latent export (it hard-codes the null class 1000 and drops a learned σ)
+DIT_PIPELINE_NOTE = (
+    "- diffusers' `DiTPipeline` loads it too: `DiTPipeline.from_pretrained('PATH', scheduler=DDIMScheduler.from_pretrained("
+    "'PATH', subfolder='scheduler'))`; guidance_scale > 1 needs 1000 classes there (this model's null class is {null_class})."
+)
+
+
 def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
     return [i % num_classes for i in range(num_images)] if num_classes else None
 
@@ -749,6 +756,7 @@ def main(args: argparse.Namespace) -> None:
                     f"- Objective: {args.prediction_type} prediction; SADM structure loss: {struct_cfg if use_structure else 'off'}; "
                     f"Diffusion-GAN term: {gan_cfg if use_gan else 'off'}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",
+                    *([DIT_PIPELINE_NOTE.format(null_class=null_class)] if vae is not None else []),
                 ],
             )
 
