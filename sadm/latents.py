@@ -212,7 +212,8 @@ def cache_fingerprint(images, vae: AutoencoderKL) -> str:
 def build_latent_cache(
     images, vae: AutoencoderKL, cache_dir: str | os.PathLike, batch_size: int = 32, disable_progress: bool = False
 ) -> Path:
-    """Encode every image and its flip once into `<cache_dir>/latents-<fingerprint>.pt` (reused when it exists).
+    """Encode every image and its flip once into `<cache_dir>/latents-<fingerprint>.pt` (reused when it exists),
+    `2 * batch_size` images per encoder call.
 
     The file is written under a temporary name and renamed into place, so a killed run never leaves a partial cache.
     Random crops cannot be cached (a cached latent cannot be re-cropped): an image that would be randomly cropped

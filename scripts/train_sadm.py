@@ -424,9 +424,7 @@ def main(args: argparse.Namespace) -> None:
     if args.cache_latents:  # main process encodes, the others then find the finished file
         cache_dir = args.data_cache_dir or os.path.join(args.output_dir, "latent_cache")
         with accelerator.main_process_first():
-            path = build_latent_cache(
-                dataset, vae, cache_dir, args.train_batch_size, disable_progress=not accelerator.is_local_main_process
-            )
+            path = build_latent_cache(dataset, vae, cache_dir, disable_progress=not accelerator.is_local_main_process)
         train_set, collate = load_latent_cache(path, dataset), collate_latents
     train_dataloader = make_dataloader(
         train_set, args.train_batch_size, args.seed, args.dataloader_num_workers, collate

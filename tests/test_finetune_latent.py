@@ -228,3 +228,26 @@ def test_small_images_are_upscaled_with_a_warning_or_refused(tmp_path):
     assert dataset[0]["pixel_values"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match=r"smaller than --resolution 16, e\.g\. .*0\.png is 8x8.*--small_images"):
         load_train_dataset(train_data_dir=str(data), resolution=16, small_images="refuse")
+
+
+def test_vae_from_its_own_folder_a_pipeline_folder_or_nowhere(tmp_path, replica):
+    vae, source = load_vae(str(replica / "vae"), None, {})  # a VAE folder
+    assert isinstance(vae, AutoencoderKL) and source == str(replica / "vae") and not vae.training
+    assert all(not p.requires_grad for p in vae.parameters())
+    vae, source = load_vae(str(replica), None, {})  # a pipeline folder with a vae/
+    assert source == str(replica / "vae")
+    assert load_vae(None, None, {}) == (None, None)  # pixel space
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"--vae_name_or_path .*empty has neither a config\.json nor a vae/config"):
+        load_vae(str(tmp_path / "empty"), None, {})
+    AutoencoderKL.from_config({**vae.config, "shift_factor": 0.1159}).save_pretrained(tmp_path / "shifted")
+    with pytest.raises(ValueError, match=r"shift_factor=0\.1159"):
+        load_vae(str(tmp_path / "shifted"), None, {})
+
+
+def test_script_refuses_cache_latents_without_a_vae(tmp_path, data_dir):
+    result = run_script(
+        "train_sadm.py", *COMMON, "--train_data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"),
+        "--cache_latents", launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--cache_latents needs a VAE" in result.stderr
