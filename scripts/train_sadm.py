@@ -42,6 +42,7 @@ from sadm.latents import (
     check_vae_fits,
     collate_latents,
     decode_latents,
+    describe_latents,
     encode_moments,
     load_latent_cache,
     load_vae,
@@ -255,7 +256,12 @@ def build_model(
         model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(args.model_config_name_or_path))
         source = args.model_config_name_or_path
     elif vae is not None:
-        latent_size = args.resolution // vae_downsample_factor(vae)
+        latent_size, patch = args.resolution // vae_downsample_factor(vae), DIT_PRESETS[args.model]["patch_size"]
+        if latent_size % patch:
+            raise ValueError(
+                f"--model {args.model} has patch size {patch}, which does not divide the {latent_size}x{latent_size} "
+                f"latents of {describe_latents(vae_source, vae, args.resolution)}."
+            )
         return build_dit(args.model, latent_size, vae.config.latent_channels, num_classes, args.learn_sigma)
     else:
         return build_dit(args.model, args.resolution, num_channels, num_classes, args.learn_sigma)

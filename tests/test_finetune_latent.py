@@ -245,9 +245,16 @@ def test_vae_from_its_own_folder_a_pipeline_folder_or_nowhere(tmp_path, replica)
         load_vae(str(tmp_path / "shifted"), None, {})
 
 
-def test_script_refuses_cache_latents_without_a_vae(tmp_path, data_dir):
+def test_script_refuses_latent_options_that_cannot_work(tmp_path, replica, data_dir):
     result = run_script(
         "train_sadm.py", *COMMON, "--train_data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"),
         "--cache_latents", launch=False,
     )  # fmt: skip
     assert result.returncode != 0 and "--cache_latents needs a VAE" in result.stderr
+    # a preset trained from scratch on latents: its patch size must divide the latent size
+    result = run_script(
+        "train_sadm.py", *COMMON[2:], "--resolution", "10", "--model", "tiny", "--vae_name_or_path",
+        str(replica / "vae"), "--train_data_dir", str(data_dir), "--output_dir", str(tmp_path / "o2"), launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--model tiny has patch size 2, which does not divide the 5x5 latents" in result.stderr
