@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import sadm  # noqa: F401  (registers SADMDiTPipeline on diffusers)
 from sadm.data import load_train_dataset
+from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion, diffusion_gan_generator_loss
 from sadm.latents import (
     build_latent_cache,
     check_noise_schedule,
@@ -27,6 +28,7 @@ from sadm.latents import (
 )
 from sadm.losses import predict_x0
 from sadm.models.structure_discriminator import StructureDiscriminator
+from sadm.models.timestep_discriminator import TimestepDiscriminator
 from sadm.structure import StructureConfig, structure_denoiser_loss
 
 COMMON = ["--resolution", "16", "--train_batch_size", "4", "--report_to", "none", "--validation_steps", "0"]
@@ -158,11 +160,11 @@ def test_sample_latents_is_the_scaled_posterior_sample():
     torch.testing.assert_close(sample_latents(moments, 0.5, torch.Generator().manual_seed(1)), expected)
 
 
-def test_discriminator_on_decoded_pixels_sends_gradients_into_the_denoiser(replica):
+@pytest.mark.parametrize("term", ["structure", "gan"])
+def test_discriminator_on_decoded_pixels_sends_gradients_into_the_denoiser(replica, term):
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel.from_pretrained(replica, subfolder="transformer")
     vae, _ = load_vae(None, str(replica), pretrained_components(str(replica)))
-    disc = StructureDiscriminator(in_channels=3, sample_size=16, embed_dim=16, base_channels=8).requires_grad_(False)
     alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
     x0 = sample_latents(torch.randn(4, 8, 8, 8), vae.config.scaling_factor)  # [4, 4, 8, 8] latents
     timesteps = torch.tensor([10, 20, 30, 40])
@@ -174,13 +176,21 @@ def test_discriminator_on_decoded_pixels_sends_gradients_into_the_denoiser(repli
     with torch.no_grad():
         real = decode_latents(vae, x0)
     fake = decode_latents(vae, x0_hat)  # [4, 3, 16, 16]
-    assert fake.shape == (4, 3, 16, 16) and fake.requires_grad
-    config = StructureConfig(weight=1.0, t_threshold=1000, warmup_steps=0)
-    loss, _ = structure_denoiser_loss(disc, real, fake, timesteps, alphas_cumprod, config)
+    assert fake.shape == real.shape == (4, 3, 16, 16) and fake.requires_grad
+    if term == "structure":  # the discriminators are frozen in the denoiser step, as in the script
+        disc = StructureDiscriminator(in_channels=3, sample_size=16, embed_dim=16, base_channels=8)
+        config = StructureConfig(weight=1.0, t_threshold=1000, warmup_steps=0)
+        loss, _ = structure_denoiser_loss(disc.requires_grad_(False), real, fake, timesteps, alphas_cumprod, config)
+    else:
+        disc = TimestepDiscriminator(in_channels=3, sample_size=16, base_channels=8, num_layers=2, embed_dim=16)
+        config = DiffusionGANConfig(weight=1.0)
+        diffusion = build_adaptive_diffusion(config)
+        loss, _ = diffusion_gan_generator_loss(disc.requires_grad_(False), diffusion, fake, None, config)
     loss.mean().backward()
     grads = [p.grad for p in transformer.parameters()]
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     assert all(p.grad is None for p in vae.parameters())  # the decoder is frozen
+    assert all(p.grad is None for p in disc.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
