@@ -482,3 +482,93 @@ def register_state_hooks(accelerator: Accelerator, states: dict[str, torch.nn.Mo
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ------------------------------------------------------------------------------------------------------- numerical faults
+def step_if_finite(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    lr_scheduler=None,
+) -> tuple[bool, torch.Tensor]:
+    """Clip the gradients, then step only when their norm is finite; returns `(finite, grad_norm)`. One host sync.
+
+    A non-finite step changes nothing: no optimizer or LR-scheduler step, the gradients are zeroed. With fp16 loss
+    scaling (`accelerator.scaler`) the optimizer step is still called: the scaler skips it itself (it saw the inf when
+    unscaling for the clip) and lowers the scale; without that call the scale would never back off and every later
+    step would overflow again.
+    """
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:
+        optimizer.step()
+    if finite and lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+class BadStepCounter:
+    """Skipped (non-finite) optimizer steps per model: `consecutive` stops the run at `max_bad_steps` in a row of any
+    one model, `total` is logged as `bad_steps_<model>`. Saved in `train_state.json` for an exact resume."""
+
+    def __init__(self, max_bad_steps: int, state: dict | int | None = None):
+        self.max_bad_steps = max_bad_steps
+        self.consecutive: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        if isinstance(state, int):  # checkpoints written before per-model counts: the denoiser's consecutive count
+            self.consecutive["transformer"] = state
+        elif state:
+            self.consecutive, self.total = dict(state["consecutive"]), dict(state["total"])
+
+    def update(self, model_name: str, finite: bool, step: int) -> None:
+        """Count one optimizer step of `model_name`; raise `FloatingPointError` after `max_bad_steps` bad ones in a row."""
+        self.total.setdefault(model_name, 0)
+        if finite:
+            self.consecutive[model_name] = 0
+            return
+        self.total[model_name] += 1
+        count = self.consecutive[model_name] = self.consecutive.get(model_name, 0) + 1
+        logger.warning(f"Non-finite {model_name} gradient at step {step}: step skipped ({count} in a row).")
+        if count >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{count} consecutive non-finite {model_name} steps (--max_bad_steps {self.max_bad_steps}); stopping. "
+                "Lower the learning rate(s) or --max_grad_norm, or resume from an earlier checkpoint."
+            )
+
+    def stats(self) -> dict[str, int]:
+        return {f"bad_steps_{name}": count for name, count in self.total.items()}
+
+    def state_dict(self) -> dict:
+        return {"consecutive": dict(self.consecutive), "total": dict(self.total)}
+
+
+# ------------------------------------------------------------------------------------------------- per-sample randomness
+def sample_generators(seed: int, sample_keys: torch.Tensor, stream: int) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, sample key, stream) through numpy's `SeedSequence`.
+
+    Draws made from them depend only on the sample (its key says which image in which epoch, see `EpochShuffleSampler`),
+    not on its position in the batch, the process that holds it or the micro-batch it falls in: a run is then the same
+    on any number of processes and accumulation steps. `stream` separates independent uses of one sample.
+    """
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key, stream]).generate_state(1, np.uint64)[0]))
+        for key in sample_keys.tolist()
+    ]
+
+
+def draw_uniform(n: int, device: torch.device, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """U[0, 1) `[n]`: from the global RNG (`torch.rand`), or sample i from `generators[i]`."""
+    if generators is None:
+        return torch.rand(n, device=device)
+    return torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+
+
+def draw_timesteps(
+    n: int, num_timesteps: int, device: torch.device, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Uniform integer timesteps in [0, num_timesteps) `[n]`: from the global RNG, or sample i from `generators[i]`."""
+    if generators is None:
+        return torch.randint(0, num_timesteps, (n,), device=device)
+    return torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators]).to(device)
