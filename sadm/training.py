@@ -497,9 +497,16 @@ def step_if_finite(
     A non-finite step changes nothing: no optimizer or LR-scheduler step, the gradients are zeroed. With fp16 loss
     scaling (`accelerator.scaler`) the optimizer step is still called: the scaler skips it itself (it saw the inf when
     unscaling for the clip) and lowers the scale; without that call the scale would never back off and every later
-    step would overflow again.
+    step would overflow again. Only this optimizer's gradients are unscaled: accelerate's `clip_grad_norm_` unscales
+    every optimizer's, which would unscale a discriminator's gradients while they are still being accumulated (scaled)
+    over micro-batches.
     """
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if accelerator.scaler is not None and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.unscale_gradients(optimizer=optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     finite = bool(torch.isfinite(grad_norm))
     if finite or accelerator.scaler is not None:
         optimizer.step()
