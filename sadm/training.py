@@ -124,6 +124,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     check_distributed(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+        logger.warning(
+            "--mixed_precision fp16 has no effect on CPU: accelerate runs float32 there, without autocast or loss "
+            "scaling. Use --mixed_precision bf16 for mixed precision on CPUs."
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
