@@ -501,7 +501,9 @@ def main(args: argparse.Namespace) -> None:
             sample_rngs = gan_g_rngs = gan_d_rngs = None  # None: the global RNG
             if args.per_sample_noise:
                 keys = batch["sample_keys"]
-                sample_rngs, gan_g_rngs, gan_d_rngs = (sample_generators(args.seed, keys, i) for i in range(3))
+                sample_rngs, gan_g_rngs, gan_d_rngs = (
+                    sample_generators(args.seed, keys, i, x0.device) for i in range(3)
+                )
             if labels is not None:
                 # classifier-free guidance: drop the label once per sample (all blocks see the null class)
                 drop = draw_uniform(bsz, x0.device, sample_rngs) < args.class_dropout_prob
