@@ -257,6 +257,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
         ("timestep_discriminator", ["--gan_loss_weight", "0.05", "--diffusion_gan_r1_gamma", "3e38",
                                     "--diffusion_gan_r1_interval", "1", "--gan_timestep_weighting", "none"]),
     ],
+    ids=["discriminator", "timestep_discriminator"],
 )  # fmt: skip
 def test_non_finite_discriminator_steps_are_skipped_counted_then_the_run_stops(tmp_path, model_name, flags):
     """An R1 weight of 3e38 overflows every gradient of one discriminator (R1 is in its loss only; no timestep
