@@ -260,7 +260,9 @@ def to_mode(image: Image.Image, num_channels: int) -> Image.Image:
 class ImageLabelDataset(Dataset):
     """Images (any source) with optional integer labels, transformed to `[C, H, W]` float tensors in [-1, 1].
 
-    Items are `{"pixel_values": Tensor[C, H, W], "class_labels": LongTensor[]}`; the label key only when the data is labeled.
+    Items are `{"pixel_values": Tensor[C, H, W], "class_labels": LongTensor[], "sample_keys": LongTensor[]}`; the label
+    key only when the data is labeled. `sample_keys` is the key the item was read with (see `__getitem__`): the training
+    scripts can seed per-sample noise with it (`--per_sample_noise`).
     """
 
     def __init__(
@@ -348,7 +350,7 @@ class ImageLabelDataset(Dataset):
         pixel_values = self.normalize(transforms.functional.to_tensor(image))  # [C, H, W] in [-1, 1]
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             pixel_values = pixel_values.flip(-1)
-        item = {"pixel_values": pixel_values}
+        item = {"pixel_values": pixel_values, "sample_keys": torch.tensor(key, dtype=torch.long)}
         if self.labels is not None:
             item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
         return item
@@ -362,7 +364,8 @@ def augment_generator(seed: int, key: int) -> torch.Generator:
 def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
     pixel_values = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
     labels = torch.stack([e["class_labels"] for e in examples]) if "class_labels" in examples[0] else None
-    return {"pixel_values": pixel_values, "class_labels": labels}
+    keys = torch.stack([e["sample_keys"] for e in examples]) if "sample_keys" in examples[0] else None
+    return {"pixel_values": pixel_values, "class_labels": labels, "sample_keys": keys}
 
 
 def _open(path: Path) -> Image.Image:

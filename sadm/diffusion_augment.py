@@ -91,7 +91,7 @@ def q_sample(
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     noise_std: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε (Diffusion-GAN eq. 3 with noise scale σ = `noise_std`).
 
@@ -100,7 +100,7 @@ def q_sample(
         t (`torch.LongTensor` of shape `[B]` or `[B, C]`): one step per sample, or one per (sample, channel).
         alphas_cumprod (`torch.Tensor` of shape `[T + 1]`): ᾱ with ᾱ_0 = 1.
         noise_std (`float`): σ.
-        generator (`torch.Generator`, *optional*): drives ε.
+        generator (`torch.Generator` or one per sample, *optional*): drives ε.
     """
     if t.shape != x.shape[: t.ndim] or t.ndim > 2:
         raise ValueError(f"t of shape {tuple(t.shape)} must be [B] or [B, C] for x of shape {tuple(x.shape)}.")
@@ -115,7 +115,7 @@ def noise_feature_maps(
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     noise_std: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Diffusion-ProjectedGAN (official `pg_modules/diffusion.py`): noise frozen feature maps `[B, C, H, W]` with one t
     per (sample, channel), `t` of shape `[B, C]`; a `[B]` t applies one noise level to all channels of a sample."""
@@ -125,9 +125,18 @@ def noise_feature_maps(
 
 
 def _draw(
-    table: torch.Tensor, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+    table: torch.Tensor,
+    shape: tuple[int, ...],
+    device: torch.device,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """Uniform picks from the t-table, `LongTensor` of `shape` on `device` (drawn where `generator` lives)."""
+    """Uniform picks from the t-table, `LongTensor` of `shape` on `device` (drawn where `generator` lives).
+
+    A list of `shape[0]` generators draws the picks of sample i from `generator[i]` (as diffusers' `randn_tensor`)."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}.")
+        return torch.cat([_draw(table, (1, *shape[1:]), device, g) for g in generator])
     draw_device = generator.device if generator is not None else device
     index = torch.randint(table.numel(), shape, generator=generator, device=draw_device)
     return table.to(draw_device)[index].to(device)
@@ -299,21 +308,28 @@ class AdaptiveDiffusion(torch.nn.Module):
         self.sign_sum, self.sign_count = 0.0, 0
 
     def sample_timesteps(
-        self, shape: tuple[int, ...], device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self,
+        shape: tuple[int, ...],
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Steps drawn uniformly from the t-table, `LongTensor` of `shape` (0 = clean)."""
         return _draw(self.timestep_table, tuple(shape), torch.device(device), generator)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffuse a batch `[B, ...]`: returns `(y, t)` with y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε and t `[B]` long.
 
+        `generator` may be one generator per sample: sample i's t and ε then come from `generator[i]` alone, so the
+        result does not depend on how the batch is split across processes or micro-batches.
         Gradients flow from y to x (the generator learns through the noise).
         """
         t = self.sample_timesteps((x.shape[0],), x.device, generator)  # [B]
         return q_sample(x, t, self.alphas_cumprod, self.noise_std, generator=generator), t
 
     def noise_feature_maps(
-        self, features: torch.Tensor, generator: torch.Generator | None = None
+        self, features: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffusion-ProjectedGAN: noise feature maps `[B, C, H, W]` with one t per (sample, channel) drawn from the
         t-table; returns `(features_noised, t [B, C])`."""

@@ -172,7 +172,7 @@ def _run_discriminator(
     x: torch.Tensor,
     class_labels: torch.Tensor | None,
     config: DiffusionGANConfig,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     requires_grad_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Diffuse x and score it: returns `(logits [B], y, t [B])`.
@@ -202,7 +202,7 @@ def diffusion_gan_generator_loss(
     x_fake: torch.Tensor,
     class_labels: torch.Tensor | None,
     config: DiffusionGANConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Adversarial loss of the generator (or of the DiT's x̂₀), `[B]`, and its statistics.
 
@@ -212,7 +212,7 @@ def diffusion_gan_generator_loss(
         x_fake (`torch.Tensor` of shape `[B, C, H, W]`): generated samples, attached to the generator's graph.
         class_labels (`torch.LongTensor` of shape `[B]`, *optional*): their classes.
         config ([`DiffusionGANConfig`]): loss type and mode.
-        generator (`torch.Generator`, *optional*): drives t and the noise.
+        generator (`torch.Generator` or one per sample, *optional*): drives t and the noise.
 
     Returns:
         `(loss [B], stats)` with stats `g_adv_loss`, `g_fake_logit_mean` (python floats).
@@ -232,7 +232,7 @@ def diffusion_gan_discriminator_loss(
     class_labels: torch.Tensor | None,
     config: DiffusionGANConfig,
     d_step: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Discriminator loss `[B]`, its statistics and the real logits (for `diffusion.update` after gathering).
 
@@ -249,7 +249,7 @@ def diffusion_gan_discriminator_loss(
         config ([`DiffusionGANConfig`]): loss type, R1 and mode.
         d_step (`int`): index of this discriminator step (counts from 0; R1 runs when it is a multiple of
             `r1_interval`).
-        generator (`torch.Generator`, *optional*): drives t and the noise.
+        generator (`torch.Generator` or one per sample, *optional*): drives t and the noise.
 
     Returns:
         `(loss [B], stats, real_logits [B] detached)`; stats `d_loss`, `d_real_acc` (share of real logits > 0),

@@ -124,6 +124,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     check_distributed(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+        logger.warning(
+            "--mixed_precision fp16 has no effect on CPU: accelerate runs float32 there, without autocast or loss "
+            "scaling. Use --mixed_precision bf16 for mixed precision on CPUs."
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -482,3 +487,113 @@ def register_state_hooks(accelerator: Accelerator, states: dict[str, torch.nn.Mo
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ------------------------------------------------------------------------------------------------------- numerical faults
+def step_if_finite(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    lr_scheduler=None,
+) -> tuple[bool, torch.Tensor]:
+    """Clip the gradients, then step only when their norm is finite; returns `(finite, grad_norm)`. One host sync.
+
+    A non-finite step changes nothing: no optimizer or LR-scheduler step, the gradients are zeroed. With fp16 loss
+    scaling (`accelerator.scaler`) the optimizer step is still called: the scaler skips it itself (it saw the inf when
+    unscaling for the clip) and lowers the scale; without that call the scale would never back off and every later
+    step would overflow again. Only this optimizer's gradients are unscaled: accelerate's `clip_grad_norm_` unscales
+    every optimizer's, which would unscale a discriminator's gradients while they are still being accumulated (scaled)
+    over micro-batches.
+    """
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if accelerator.scaler is not None and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.unscale_gradients(optimizer=optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:
+        optimizer.step()
+    if finite and lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+class BadStepCounter:
+    """Skipped (non-finite) optimizer steps per model: `consecutive` stops the run at `max_bad_steps` in a row of any
+    one model, `total` is logged as `bad_steps_<model>`. Saved in `train_state.json` for an exact resume."""
+
+    def __init__(self, max_bad_steps: int, state: dict | int | None = None):
+        self.max_bad_steps = max_bad_steps
+        self.consecutive: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        if isinstance(state, int):  # checkpoints written before per-model counts: the denoiser's consecutive count
+            self.consecutive["transformer"] = state
+        elif state:
+            self.consecutive, self.total = dict(state["consecutive"]), dict(state["total"])
+
+    def update(self, model_name: str, finite: bool, step: int) -> None:
+        """Count one optimizer step of `model_name`; raise `FloatingPointError` after `max_bad_steps` bad ones in a row."""
+        self.total.setdefault(model_name, 0)
+        if finite:
+            self.consecutive[model_name] = 0
+            return
+        self.total[model_name] += 1
+        count = self.consecutive[model_name] = self.consecutive.get(model_name, 0) + 1
+        logger.warning(f"Non-finite {model_name} gradient at step {step}: step skipped ({count} in a row).")
+        if count >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{count} consecutive non-finite {model_name} steps (--max_bad_steps {self.max_bad_steps}); stopping. "
+                "Lower the learning rate(s) or --max_grad_norm, or resume from an earlier checkpoint."
+            )
+
+    def stats(self) -> dict[str, int]:
+        return {f"bad_steps_{name}": count for name, count in self.total.items()}
+
+    def state_dict(self) -> dict:
+        return {"consecutive": dict(self.consecutive), "total": dict(self.total)}
+
+
+# ------------------------------------------------------------------------------------------------- per-sample randomness
+def sample_generators(
+    seed: int, sample_keys: torch.Tensor, stream: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample on `device`, seeded by a hash of (seed, sample key, stream).
+
+    Draws made from them depend only on the sample (its key says which image in which epoch, see `EpochShuffleSampler`),
+    not on its position in the batch, the process that holds it or the micro-batch it falls in: a run is then the same
+    on any number of processes and accumulation steps. `stream` separates independent uses of one sample. Generators on
+    the GPU draw there (one small kernel per sample); CPU and GPU generators give different numbers.
+    """
+    return [torch.Generator(device=device).manual_seed(_mix64(seed, key, stream)) for key in sample_keys.tolist()]
+
+
+def _mix64(*values: int) -> int:
+    """SplitMix64 over the values: nearby (seed, key, stream) triples give unrelated 64-bit seeds."""
+    mask, x = (1 << 64) - 1, 0
+    for value in values:
+        x = (x + 0x9E3779B97F4A7C15 + (value & mask)) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x
+
+
+def draw_uniform(n: int, device: torch.device, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """U[0, 1) `[n]`: from the global RNG (`torch.rand`), or sample i from `generators[i]`."""
+    if generators is None:
+        return torch.rand(n, device=device)
+    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(device)
+
+
+def draw_timesteps(
+    n: int, num_timesteps: int, device: torch.device, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Uniform integer timesteps in [0, num_timesteps) `[n]`: from the global RNG, or sample i from `generators[i]`."""
+    if generators is None:
+        return torch.randint(0, num_timesteps, (n,), device=device)
+    return torch.cat([torch.randint(0, num_timesteps, (1,), generator=g, device=g.device) for g in generators]).to(
+        device
+    )

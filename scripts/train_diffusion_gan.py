@@ -48,6 +48,7 @@ from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, 
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
+    BadStepCounter,
     add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
@@ -63,6 +64,7 @@ from sadm.training import (
     register_model_hooks,
     resolve_resume_path,
     save_checkpoint,
+    step_if_finite,
     write_model_card,
 )
 
@@ -328,12 +330,13 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config)
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
     resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        global_step = load_train_state(resume_path)["global_step"]
+        train_state = load_train_state(resume_path)
+        global_step, bad_steps = train_state["global_step"], train_state.get("bad_steps")
         next_slot = global_step * (ratio + 1)
         first_epoch = next_slot // slots_per_epoch
         skip_batches = (next_slot % slots_per_epoch) * accumulation
@@ -353,28 +356,16 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    bad_steps = 0
-    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
     d_stats: list[dict[str, float]] = []  # per D micro-batch since the last generator step
     g_stats: list[dict[str, float]] = []  # per G micro-batch of the current generator step
 
-    def optimizer_step(name: str, params, optimizer, lr_scheduler) -> bool:
-        """Clip, then step unless the gradient is non-finite (one host sync per optimizer step); True when stepped."""
-        nonlocal bad_steps
-        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            lr_scheduler.step()
-            bad_steps = 0
-            return True
-        bad_steps += 1
-        logger.warning(f"Non-finite {name} gradient at step {global_step}: skipped ({bad_steps} in a row).")
-        if bad_steps >= args.max_bad_steps:
-            raise FloatingPointError(
-                f"{bad_steps} consecutive non-finite steps (--max_bad_steps {args.max_bad_steps}); stopping."
-            )
-        return False
+    def optimizer_step(name: str, model, optimizer, lr_scheduler) -> bool:
+        """Clip, then step unless the gradient is non-finite (counted per model, stops after --max_bad_steps in a row)."""
+        finite, _ = step_if_finite(accelerator, model, optimizer, args.max_grad_norm, lr_scheduler)
+        bad_steps.update(name, finite, global_step)
+        return finite
 
     def run_validation(step: int) -> None:
         if ema is not None:
@@ -448,7 +439,7 @@ def main(args: argparse.Namespace) -> None:
                     window_real_logits.append(real_logits)
                     d_stats.append(stats)
                     if accelerator.sync_gradients:
-                        if optimizer_step("discriminator", d_params, d_optimizer, d_lr_scheduler):
+                        if optimizer_step("discriminator", discriminator, d_optimizer, d_lr_scheduler):
                             # once per D optimizer step, on the global batch of real logits: r_d -> p -> T
                             diffusion.update(accelerator.gather(torch.cat(window_real_logits)))
                         window_real_logits.clear()
@@ -463,7 +454,7 @@ def main(args: argparse.Namespace) -> None:
                 accelerator.backward(loss.mean())
                 g_stats.append(stats)
                 if accelerator.sync_gradients:
-                    optimizer_step("generator", generator.parameters(), g_optimizer, g_lr_scheduler)
+                    optimizer_step("generator", generator, g_optimizer, g_lr_scheduler)
                 g_optimizer.zero_grad(set_to_none=True)
             set_requires_grad(d_params, True)
             if not accelerator.sync_gradients:
@@ -483,6 +474,7 @@ def main(args: argparse.Namespace) -> None:
                 **diffusion.stats(),
                 "lr": g_lr_scheduler.get_last_lr()[0],
                 "disc_lr": d_lr_scheduler.get_last_lr()[0],
+                **bad_steps.stats(),
             }
             r1 = [s["r1"] for s in d_stats if not math.isnan(s["r1"])]
             if r1:
@@ -500,7 +492,7 @@ def main(args: argparse.Namespace) -> None:
                     accelerator,
                     args.output_dir,
                     global_step,
-                    {"epoch": epoch, "bad_steps": bad_steps},
+                    {"epoch": epoch, "bad_steps": bad_steps.state_dict()},
                     args.checkpoints_total_limit,
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
 from sadm.pipelines import pipeline_sadm_dit
 from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from tqdm.auto import tqdm
@@ -63,6 +64,7 @@ from sadm.structure import (
     structure_weight_at,
 )
 from sadm.training import (
+    BadStepCounter,
     add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
@@ -70,6 +72,8 @@ from sadm.training import (
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
+    draw_timesteps,
+    draw_uniform,
     image_grid,
     load_train_state,
     log_images,
@@ -78,7 +82,9 @@ from sadm.training import (
     register_model_hooks,
     register_state_hooks,
     resolve_resume_path,
+    sample_generators,
     save_checkpoint,
+    step_if_finite,
     write_model_card,
 )
 
@@ -139,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory."
     )
+    g.add_argument("--per_sample_noise", action="store_true",
+                   help="Draw each sample's label dropout, timestep and noise (and the Diffusion-GAN term's) from generators "
+                   "seeded by (seed, sample): the run is then the same on any number of processes or accumulation steps.")  # fmt: skip
     v = parser.add_argument_group("validation")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
@@ -465,7 +474,7 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("sadm", config=tracker_config)
 
     # ---- resume
-    global_step, first_epoch, skip_batches, bad_steps, d_step = 0, 0, 0, 0, 0
+    global_step, first_epoch, skip_batches, bad_steps, d_step = 0, 0, 0, None, 0
     resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
@@ -476,6 +485,8 @@ def main(args: argparse.Namespace) -> None:
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+
+    bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
 
     # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
     evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
@@ -540,17 +551,11 @@ def main(args: argparse.Namespace) -> None:
         accelerator.wait_for_everyone()
 
     # ---- loop
-    def optimizer_step(net, opt, scheduler=None) -> tuple[bool, torch.Tensor]:
-        """Clip, then step only on finite gradients (a bad step is skipped and counted). One host sync per step."""
-        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        return finite, grad_norm
+    def optimizer_step(name: str, net, opt, scheduler=None) -> torch.Tensor:
+        """Clip, then step only on finite gradients: a bad step is skipped, counted and logged per model."""
+        finite, grad_norm = step_if_finite(accelerator, net, opt, args.max_grad_norm, scheduler)
+        bad_steps.update(name, finite, global_step)  # raises after --max_bad_steps in a row
+        return grad_norm
 
     model.train()
     pending_real_logits: list[torch.Tensor] = []
@@ -570,15 +575,22 @@ def main(args: argparse.Namespace) -> None:
                 x0 = sample_latents(moments, vae.config.scaling_factor)  # [B, c, h, w]
             bsz = x0.shape[0]
             labels = batch["class_labels"]
+            # --per_sample_noise streams: 0 dropout, t, noise; 1 the denoiser's GAN term; 2 the GAN discriminator
+            sample_rngs = gan_g_rngs = gan_d_rngs = None  # None: the global RNG
+            if args.per_sample_noise:
+                keys = batch["sample_keys"]
+                sample_rngs, gan_g_rngs, gan_d_rngs = (
+                    sample_generators(args.seed, keys, i, x0.device) for i in range(3)
+                )
             if labels is not None:
                 # classifier-free guidance: drop the label once per sample (all blocks see the null class)
-                drop = torch.rand(bsz, device=x0.device) < args.class_dropout_prob
+                drop = draw_uniform(bsz, x0.device, sample_rngs) < args.class_dropout_prob
                 labels_in = torch.where(drop, torch.full_like(labels, null_class), labels)
             else:
                 labels_in = torch.zeros(bsz, dtype=torch.long, device=x0.device)  # unconditional: the single class 0
             struct_labels = labels if args.disc_class_conditional else None
-            noise = torch.randn_like(x0)
-            timesteps = torch.randint(0, args.num_train_timesteps, (bsz,), device=x0.device)
+            noise = randn_tensor(x0.shape, sample_rngs, x0.device, x0.dtype) if sample_rngs else torch.randn_like(x0)
+            timesteps = draw_timesteps(bsz, args.num_train_timesteps, x0.device, sample_rngs)
             x_t = noise_scheduler.add_noise(x0, noise, timesteps)
 
             # ---- denoiser step: L_DSM (+ hybrid VLB) + λ·L_struct + λ_adv·L_G, discriminators frozen
@@ -626,23 +638,15 @@ def main(args: argparse.Namespace) -> None:
                     gan_weights = structure_timestep_weights(
                         timesteps, alphas_cumprod, args.gan_timestep_weighting, t_threshold=args.gan_t_threshold
                     )
-                    loss_g, g_stats = diffusion_gan_generator_loss(frozen, diffusion, disc_fake, labels, gan_cfg)
+                    loss_g, g_stats = diffusion_gan_generator_loss(
+                        frozen, diffusion, disc_fake, labels, gan_cfg, gan_g_rngs
+                    )
                     loss = loss + gan_cfg.weight * (loss_g * gan_weights).mean()
                     stats.update(loss_gan_g=(loss_g * gan_weights).detach().mean(), **g_stats)
                 stats["loss"] = loss.detach()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    ok, grad_norm = optimizer_step(model, optimizer, lr_scheduler)
-                    bad_steps = 0 if ok else bad_steps + 1
-                    stats["grad_norm"] = grad_norm
-                    if not ok:
-                        logger.warning(
-                            f"Non-finite denoiser gradient at step {global_step}: skipped ({bad_steps} in a row)."
-                        )
-                    if bad_steps >= args.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{bad_steps} consecutive non-finite steps (--max_bad_steps {args.max_bad_steps}); stopping."
-                        )
+                    stats["grad_norm"] = optimizer_step("transformer", model, optimizer, lr_scheduler)
                 else:
                     optimizer.zero_grad(set_to_none=True)
 
@@ -660,7 +664,7 @@ def main(args: argparse.Namespace) -> None:
                         )  # fmt: skip
                         accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
                     if sync:
-                        _, stats["struct_disc_grad_norm"] = optimizer_step(struct_disc, struct_opt)
+                        stats["struct_disc_grad_norm"] = optimizer_step("discriminator", struct_disc, struct_opt)
                     stats["loss_struct_disc"] = loss_d.detach().mean()
                     stats.update({f"disc_{k}": v for k, v in d_stats.items()})
             if use_gan:
@@ -668,12 +672,12 @@ def main(args: argparse.Namespace) -> None:
                 for _ in range(gan_cfg.disc_update_ratio):
                     with contextlib.nullcontext() if sync else accelerator.no_sync(gan_disc):
                         loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
-                            gan_disc, diffusion, disc_real, disc_fake.detach(), labels, gan_cfg, d_step
+                            gan_disc, diffusion, disc_real, disc_fake.detach(), labels, gan_cfg, d_step, gan_d_rngs
                         )
                         accelerator.backward((loss_d * gan_weights).mean())
                     pending_real_logits.append(accelerator.gather(real_logits))
                     if sync:
-                        _, stats["gan_disc_grad_norm"] = optimizer_step(gan_disc, gan_opt)
+                        stats["gan_disc_grad_norm"] = optimizer_step("timestep_discriminator", gan_disc, gan_opt)
                         d_step += 1
                         diffusion.update(torch.cat(pending_real_logits))  # once per D step, r_d over the global batch
                         pending_real_logits.clear()
@@ -695,7 +699,7 @@ def main(args: argparse.Namespace) -> None:
                             for n in names
                         ]
                     ).tolist()  # noqa: E501
-                    logs = dict(zip(names, values), lr=lr_scheduler.get_last_lr()[0])
+                    logs = dict(zip(names, values), lr=lr_scheduler.get_last_lr()[0], **bad_steps.stats())
                     if ema is not None:
                         logs["ema_decay"] = ema.cur_decay_value
                     postfix = {
@@ -717,7 +721,7 @@ def main(args: argparse.Namespace) -> None:
                         accelerator,
                         args.output_dir,
                         global_step,
-                        {"epoch": epoch, "bad_steps": bad_steps, "d_step": d_step},
+                        {"epoch": epoch, "bad_steps": bad_steps.state_dict(), "d_step": d_step},
                         args.checkpoints_total_limit,
                     )
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:

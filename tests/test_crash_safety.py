@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils.other import load as accelerate_load
 from diffusers import DiffusionPipeline
 from helpers import REPO, write_class_folder
@@ -18,12 +21,15 @@ from safetensors.torch import load_file
 
 from sadm.training import (
     TRAIN_STATE_NAME,
+    BadStepCounter,
     assert_finite_parameters,
     atomic_save_pretrained,
     check_output_dir,
     list_checkpoints,
+    make_accelerator,
     prune_checkpoints,
     resolve_resume_path,
+    step_if_finite,
 )
 
 TOTAL_LIMIT = 2
@@ -235,12 +241,181 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
     assert result.returncode != 0
-    assert "3 consecutive non-finite steps (--max_bad_steps 3); stopping" in result.stderr
-    assert result.stderr.count("Non-finite denoiser gradient") == 3
+    assert "3 consecutive non-finite transformer steps (--max_bad_steps 3); stopping" in result.stderr
+    assert result.stderr.count("Non-finite transformer gradient") == 3
     assert not (out / "model_index.json").exists()  # no export after a failed run
     saved = [load_file(str(p / "transformer" / "diffusion_pytorch_model.safetensors")) for p in list_checkpoints(out)]
     assert len(saved) >= 2 and all(torch.isfinite(t).all() for w in saved for t in w.values())
     assert all(torch.equal(saved[0][k], w[k]) for w in saved[1:] for k in w)  # skipped steps changed nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model_name, flags",
+    [
+        ("discriminator", ["--structure_loss_weight", "0.01", "--disc_r1_gamma", "3e38"]),
+        ("timestep_discriminator", ["--gan_loss_weight", "0.05", "--diffusion_gan_r1_gamma", "3e38",
+                                    "--diffusion_gan_r1_interval", "1", "--gan_timestep_weighting", "none"]),
+    ],
+    ids=["discriminator", "timestep_discriminator"],
+)  # fmt: skip
+def test_non_finite_discriminator_steps_are_skipped_counted_then_the_run_stops(tmp_path, model_name, flags):
+    """An R1 weight of 3e38 overflows every gradient of one discriminator (R1 is in its loss only; no timestep
+    weighting, so no sample's loss is multiplied by 0): its steps are
+    skipped and counted per model (`bad_steps_<model>`), the denoiser keeps training, and --max_bad_steps consecutive
+    bad discriminator steps stop the run; every checkpoint holds finite weights and the same discriminator."""
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=8, mode="L")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_sadm.py"), "--model", "tiny", "--resolution", "8",
+           "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "tensorboard", "--logging_steps", "1",
+           "--train_data_dir", str(data), "--output_dir", str(out), "--max_train_steps", "20",
+           "--checkpointing_steps", "1", "--lr_warmup_steps", "0", "--max_bad_steps", "3", "--no-use_ema", *flags]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+    assert result.returncode != 0
+    assert f"FloatingPointError: 3 consecutive non-finite {model_name} steps (--max_bad_steps 3)" in result.stderr
+    assert result.stderr.count(f"Non-finite {model_name} gradient") == 3
+    assert "Non-finite transformer gradient" not in result.stderr
+    assert not (out / "model_index.json").exists()
+    checkpoints = list_checkpoints(out)
+    assert [step_of(p) for p in checkpoints] == [1, 2]  # the third bad step stopped the run before checkpoint-3
+    state = json.loads((checkpoints[-1] / TRAIN_STATE_NAME).read_text())["bad_steps"]
+    assert state["total"]["transformer"] == 0 and state["total"][model_name] == state["consecutive"][model_name] == 2
+    disc = [load_file(str(p / model_name / "diffusion_pytorch_model.safetensors")) for p in checkpoints]
+    assert all(torch.isfinite(t).all() for w in disc for t in w.values())
+    weights = [k for k in disc[0] if not k.endswith(("._u", "._v"))]  # spectral-norm vectors move on every forward
+    assert weights and all(torch.equal(disc[0][k], disc[1][k]) for k in weights)  # skipped steps changed nothing
+    denoiser = [load_file(str(p / "transformer" / "diffusion_pytorch_model.safetensors")) for p in checkpoints]
+    assert any(not torch.equal(denoiser[0][k], denoiser[1][k]) for k in denoiser[0])  # the denoiser did train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.value for e in events.Scalars(f"bad_steps_{model_name}")] == [1.0, 2.0]
+    assert [e.value for e in events.Scalars("bad_steps_transformer")] == [0.0, 0.0]
+
+
+def test_bad_step_counter_counts_consecutive_steps_per_model(caplog):
+    counter = BadStepCounter(max_bad_steps=2)
+    counter.update("transformer", True, 0)
+    counter.update("discriminator", False, 0)
+    counter.update("discriminator", True, 1)  # a finite step resets the model's consecutive count
+    counter.update("discriminator", False, 2)
+    counter.update("transformer", False, 2)  # another model's bad step does not add to it
+    assert counter.stats() == {"bad_steps_transformer": 1, "bad_steps_discriminator": 2}
+    resumed = BadStepCounter(2, json.loads(json.dumps(counter.state_dict())))  # as train_state.json holds it
+    assert resumed.state_dict() == counter.state_dict()
+    with pytest.raises(
+        FloatingPointError, match=r"2 consecutive non-finite discriminator steps \(--max_bad_steps 2\)"
+    ):
+        resumed.update("discriminator", False, 3)
+    assert BadStepCounter(5, 3).consecutive == {"transformer": 3}  # checkpoints from before per-model counts
+
+
+@pytest.fixture
+def cpu_accelerator():
+    AcceleratorState._reset_state(True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def test_step_if_finite_skips_non_finite_gradients(cpu_accelerator):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    model, optimizer, scheduler = cpu_accelerator.prepare(model, optimizer, scheduler)
+    before = [p.detach().clone() for p in model.parameters()]
+    cpu_accelerator.backward(model(torch.ones(1, 2)).sum() * float("nan"))
+    finite, grad_norm = step_if_finite(cpu_accelerator, model, optimizer, 1.0, scheduler)
+    assert not finite and not torch.isfinite(grad_norm)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and scheduler.get_last_lr() == [0.1]
+    assert all(p.grad is None for p in model.parameters())
+    cpu_accelerator.backward(model(torch.ones(1, 2)).sum())
+    finite, _ = step_if_finite(cpu_accelerator, model, optimizer, 1.0, scheduler)
+    assert finite and not torch.equal(before[0], model.weight) and scheduler.get_last_lr() == [0.05]
+
+
+# fp16 loss scaling cannot run on CPU: accelerate 1.15 makes `mixed_precision="fp16"` a silent no-op there (no autocast,
+# no GradScaler; native_amp is only set for GPU-like devices). The test below gives the CPU accelerator the GradScaler
+# that accelerate creates on a GPU (torch.amp.GradScaler("cpu") behaves the same), to check our step logic against it.
+@pytest.fixture
+def fp16_scaled_accelerator():
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    assert accelerator.scaler is None and not accelerator.native_amp  # what accelerate does on CPU
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**8), True
+    yield accelerator
+    AcceleratorState._reset_state(True)
+
+
+def test_fp16_overflow_is_skipped_and_the_loss_scale_backs_off(fp16_scaled_accelerator):
+    accelerator = fp16_scaled_accelerator
+    net = torch.nn.Linear(2, 1)
+    model, optimizer = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    before = model.weight.detach().clone()
+    accelerator.backward(model(torch.ones(1, 2)).sum() * 1e35)  # overflows float16: inf gradients
+    finite, _ = step_if_finite(accelerator, model, optimizer, 1.0)
+    assert not finite and torch.equal(before, model.weight)
+    assert accelerator.scaler.get_scale() == 2.0**7  # the scaler saw the step and halved the scale
+    accelerator.backward(model(torch.ones(1, 2)).sum())
+    assert step_if_finite(accelerator, model, optimizer, 1.0)[0] and not torch.equal(before, model.weight)
+
+
+def test_fp16_step_unscales_only_its_own_optimizer(fp16_scaled_accelerator):
+    """A discriminator's gradients, accumulated over micro-batches, stay scaled while the denoiser steps."""
+    accelerator = fp16_scaled_accelerator
+    torch.manual_seed(0)
+    net_a, net_b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    opt_a, opt_b = torch.optim.SGD(net_a.parameters(), lr=0.1), torch.optim.SGD(net_b.parameters(), lr=0.1)
+    net_a, opt_a, net_b, opt_b = accelerator.prepare(net_a, opt_a, net_b, opt_b)
+    accelerator.backward(net_b(torch.ones(1, 2)).sum())  # b's first micro-batch: gradient 1 x scale
+    scaled = net_b.weight.grad.clone()
+    accelerator.backward(net_a(torch.ones(1, 2)).sum())
+    assert step_if_finite(accelerator, net_a, opt_a, 1.0)[0]
+    torch.testing.assert_close(net_b.weight.grad, scaled)  # accelerate's clip_grad_norm_ would have unscaled it
+    torch.testing.assert_close(scaled, torch.full_like(scaled, accelerator.scaler.get_scale()))
+
+
+def test_fp16_on_cpu_warns_that_it_runs_float32(tmp_path, caplog):
+    AcceleratorState._reset_state(True)
+    args = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="fp16", report_to="none", ddp_timeout=60,
+                           output_dir=str(tmp_path), logging_dir="logs", allow_tf32=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="sadm.training"):
+        accelerator = make_accelerator(args)
+    on_cpu, scaler = accelerator.device.type == "cpu", accelerator.scaler
+    AcceleratorState._reset_state(True)
+    if on_cpu:
+        assert scaler is None and "--mixed_precision fp16 has no effect on CPU" in caplog.text
+    else:
+        assert scaler is not None and "no effect" not in caplog.text
+
+
+@pytest.mark.slow
+def test_bf16_run_trains_in_mixed_precision_with_float32_weights(tmp_path):
+    """`--mixed_precision bf16` (CPU autocast) with SADM and the Diffusion-GAN term: it trains, the saved weights are
+    float32 and finite, and they differ from a float32 run's, by little (autocast was on). ~35 s."""
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=8, mode="L")
+    weights = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        cmd = [sys.executable, str(REPO / "scripts" / "train_sadm.py"), "--model", "tiny", "--resolution", "8",
+               "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none", "--no-use_ema",
+               "--train_data_dir", str(data), "--output_dir", str(out), "--max_train_steps", "2",
+               "--mixed_precision", precision, "--structure_loss_weight", "0.05", "--structure_warmup_steps", "0",
+               "--structure_timestep_weighting", "none", "--gan_loss_weight", "0.05", "--gan_timestep_weighting", "none"]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[precision] = {
+            name: load_file(str(out / "checkpoint-2" / name / "diffusion_pytorch_model.safetensors"))
+            for name in ("transformer", "discriminator", "timestep_discriminator")
+        }
+    diffs = {}
+    for name, tensors in weights["bf16"].items():
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+        diffs[name] = max((t - weights["no"][name][k]).abs().max().item() for k, t in tensors.items())
+    # Adam's first steps are ~lr·sign(g): where bf16 keeps every gradient's sign, a model's weights can stay equal
+    assert max(diffs.values()) > 0 and max(diffs.values()) < 0.05, diffs
 
 
 def test_non_finite_weights_are_never_saved():

@@ -251,3 +251,31 @@ def test_cpu_launcher_with_several_processes_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="sadm.training"):
         check_distributed(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
     assert caplog.text == ""
+
+
+# ------------------------------------------------------------------------------- (d) the shipped accelerate configs
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("ddp_cpu", "MULTI_GPU"), ("ddp_gpu", "MULTI_GPU"), ("multinode_ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+     ("deepspeed_zero2", "DEEPSPEED")],
+)  # fmt: skip
+def test_accelerate_configs_are_valid_for_launch(name, distributed_type):
+    """Each file loads with accelerate's config loader and passes `accelerate launch --config_file`'s validation (the
+    step before any process starts); what the scripts rely on is checked too."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = str(REPO / "configs" / "accelerate" / f"{name}.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type == distributed_type
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", path, "train.py"]))
+    assert args.num_processes == config.num_processes >= 2
+    assert (args.use_fsdp, args.use_deepspeed) == (distributed_type == "FSDP", distributed_type == "DEEPSPEED")
+    if distributed_type == "FSDP":  # the wrap policy names a block class the DiT really has
+        block = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+        dit = build_dit("tiny", sample_size=8, in_channels=1, num_classes=2)
+        assert block in {type(m).__name__ for m in dit.modules()}
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the save hooks need full weights
+    if distributed_type == "DEEPSPEED":  # DeepSpeed clips and accumulates itself: the values must match the defaults
+        assert config.deepspeed_config["gradient_clipping"] == 1.0  # --max_grad_norm's default
+        assert config.deepspeed_config["gradient_accumulation_steps"] == 1

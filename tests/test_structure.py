@@ -455,3 +455,21 @@ def test_global_scope_rows_match_the_gathered_batch():
         structure_denoiser_loss(
             disc, x0, x0_hat, timesteps, _alphas_cumprod(), StructureConfig(), gather=lambda tensor: tensor
         )
+
+
+@pytest.mark.parametrize("device_dtype", [("cpu", torch.bfloat16), ("cpu", torch.float16)], ids=["bf16", "fp16"])
+def test_relation_maths_is_float32_under_autocast(device_dtype):
+    """Mixed precision must not reach the relations: under autocast the losses equal the float32 ones exactly (before
+    this was checked, the softmax relation's matmul ran in bf16 and the KL loss was off by 0.15)."""
+    g = torch.Generator().manual_seed(0)
+    z_real, z_fake = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    cases = [("softmax", "kl"), ("softmax", "l1"), ("distance", "l2"), ("distance", "huber")]
+
+    def losses():
+        return [structure_loss(z_real, z_fake, r, d) for r, d in cases] + [relation_entropy(z_real)]
+
+    expected = losses()
+    with torch.autocast(device_dtype[0], dtype=device_dtype[1]):
+        got = losses()
+    for e, o in zip(expected, got):
+        assert o.dtype == torch.float32 and torch.equal(e, o)

@@ -204,7 +204,10 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         return self
 
     def _features(
-        self, sample: torch.Tensor, feature_diffusion: AdaptiveDiffusion | None, generator: torch.Generator | None
+        self,
+        sample: torch.Tensor,
+        feature_diffusion: AdaptiveDiffusion | None,
+        generator: torch.Generator | list[torch.Generator] | None,
     ) -> list[torch.Tensor]:
         """φ(y) per scale, each `[B, feature_dim]`."""
         trunk = self.config.trunk
@@ -230,7 +233,7 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         timesteps: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         feature_diffusion: AdaptiveDiffusion | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> TimestepDiscriminatorOutput | tuple:
         r"""
