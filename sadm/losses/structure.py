@@ -47,8 +47,9 @@ def _pairwise_distances(z: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    # <z_i, z_j> / tau over j != i: [N, d] x [d, N] -> [N, N] -> [N, N-1]
-    return _off_diagonal(z @ z.T / temperature)
+    # <z_i, z_j> / tau over j != i: [N, d] x [d, N] -> [N, N] -> [N, N-1]; autocast off, else the matmul runs in bf16/fp16
+    with torch.autocast(z.device.type, enabled=False):
+        return _off_diagonal(z @ z.T / temperature)
 
 
 # SADM relation matrix (METHODS.md §1.2 item 2): A_ij = softmax_j(<z_i, z_j>/tau) or D_ij = ||z_i - z_j|| / mean ||.||
