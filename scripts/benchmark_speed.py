@@ -16,7 +16,7 @@ Training arms, per (preset, space) configuration, all with the same model, batch
 "latent" means 4-channel inputs at the VAE's 1/8 resolution, fed directly (the VAE encode is left out of the step: it
 runs once per image with latent caching). Every step is timed; the first `--warmup_steps` of each run are dropped and
 the median over all repeats is reported. Arms run round-robin (`--repeats` rounds) so background load hits each alike.
-The script steps run with `--no-use_ema` (the bare loop has no EMA); a `dsm_ema` arm shows the EMA's cost.
+The script steps run with `--no-use_ema` (the bare loop has no EMA); `--arms ... dsm_ema` adds the EMA's cost.
 
 Peak memory: `torch.cuda.max_memory_allocated` on GPU; on CPU the peak resident set size (RSS) of this process
 sampled every millisecond during the arm's steps (it includes the interpreter and libraries, ~0.5 GB, so compare rows,
@@ -57,6 +57,7 @@ SCRIPT_ARMS: dict[str, list[str]] = {
     "both": ["--structure_loss_weight", "0.01", "--structure_warmup_steps", "0", "--gan_loss_weight", "0.01"],
 }
 ARMS = ["bare", *SCRIPT_ARMS]
+DEFAULT_ARMS = ["bare", "dsm", "sadm", "gan", "both"]  # dsm_ema on request: it fits the 10-minute CPU budget
 HEADLINE_RATIOS = {  # JSON key: (numerator arm, denominator arm)
     "dsm_over_bare": ("dsm", "bare"),
     "sadm_over_dsm": ("sadm", "dsm"),
@@ -73,13 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--presets", nargs="+", default=["tiny", "DiT-S/2"], help="DiT presets; the last is 'small'.")
     parser.add_argument("--spaces", nargs="+", default=["pixel", "latent"], choices=["pixel", "latent"])
-    parser.add_argument("--pixel_size", type=int, default=16, help="Pixel-space resolution (3 channels).")
-    parser.add_argument("--latent_size", type=int, default=16, help="Latent resolution (4 channels; image = 8x).")
+    parser.add_argument("--pixel_size", type=int, default=8, help="Pixel-space resolution (3 channels).")
+    parser.add_argument("--latent_size", type=int, default=8, help="Latent resolution (4 channels; image = 8x).")
     parser.add_argument("--batch_size", type=int, default=None, help="Default: 32 for tiny, 8 for the others.")
-    parser.add_argument("--steps", type=int, default=12, help="Timed steps per arm and repeat.")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps at the start of every run.")
-    parser.add_argument("--repeats", type=int, default=3, help="Round-robin rounds over the arms.")
-    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per arm and repeat.")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps at the start of every run.")
+    parser.add_argument("--repeats", type=int, default=2, help="Round-robin rounds over the arms.")
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS, help=f"Default: {DEFAULT_ARMS}.")
     parser.add_argument("--sample_preset", default=None, help="Preset of the sampling comparison (default: the last).")
     parser.add_argument("--sample_batch", type=int, default=8)
     parser.add_argument("--sample_steps", type=int, default=20, help="Denoising steps per sampling call.")

@@ -11,7 +11,10 @@ def test_quick_mode_prints_the_ratios_as_json_and_writes_the_docs(tmp_path):
     docs = tmp_path / "PERFORMANCE.md"
     docs.write_text("# Performance\n\nIntro kept.\n")
     env = {"OMP_NUM_THREADS": "1"}  # tiny ops: a second thread only spin-waits on a shared CPU
-    result = run_script("benchmark_speed.py", "--quick", "--write_docs", str(docs), launch=False, timeout=300, env=env)
+    arms = ("--arms", "bare", "dsm", "dsm_ema", "sadm", "gan", "both")
+    result = run_script(
+        "benchmark_speed.py", "--quick", *arms, "--write_docs", str(docs), launch=False, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("dsm_over_bare", "sadm_over_dsm", "gan_over_dsm", "both_over_dsm", "sampler_over_diffusers"):
