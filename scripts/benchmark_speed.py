@@ -13,9 +13,10 @@ Training arms, per (preset, space) configuration, all with the same model, batch
 - `gan`:   the same with the Diffusion-GAN term (default timestep discriminator, λ_adv = 0.01);
 - `both`:  both terms.
 
-"latent" means 4-channel inputs at the VAE's 1/8 resolution, fed directly (the VAE encode is left out of the step: it
-runs once per image with latent caching). Every step is timed; the first `--warmup_steps` of each run are dropped and
-the median over all repeats is reported. Arms run round-robin (`--repeats` rounds) so background load hits each alike.
+"latent" means 4-channel inputs at the VAE's 1/8 resolution, fed directly (the VAE encode is not part of the timed
+step). Every step is timed; the first `--warmup_steps` of each run are dropped and
+the median over all repeats is reported. Arms run round-robin (`--repeats` rounds, every other one reversed) so
+background load hits each alike.
 The script steps run with `--no-use_ema` (the bare loop has no EMA); `--arms ... dsm_ema` adds the EMA's cost.
 
 Peak memory: `torch.cuda.max_memory_allocated` on GPU; on CPU the peak resident set size (RSS) of this process
@@ -303,7 +304,8 @@ def time_sampling(args) -> dict[str, float]:
     labels = [i % 1000 for i in range(args.sample_batch)]
     times: dict[str, list[float]] = {name: [] for name in pipelines}
     for repeat in range(args.sample_repeats + 1):  # round 0 is the warm-up
-        for name, pipeline in pipelines.items():
+        for name in list(pipelines) if repeat % 2 else list(pipelines)[::-1]:
+            pipeline = pipelines[name]
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device=device).manual_seed(0)
             start = time.perf_counter()
@@ -349,7 +351,11 @@ def machine_description(device: str) -> str:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[1]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores visible{load} (5 min, at the end), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -362,8 +368,8 @@ def main(args: argparse.Namespace) -> dict:
     for cfg in configs:
         times: dict[str, list[float]] = {arm: [] for arm in args.arms}
         peaks: dict[str, int] = {arm: 0 for arm in args.arms}
-        for _ in range(args.repeats):
-            for arm in args.arms:
+        for repeat in range(args.repeats):
+            for arm in args.arms if repeat % 2 == 0 else args.arms[::-1]:  # A B C, C B A, ...: drifts hit all alike
                 step_times, peak = (
                     time_bare_arm(cfg, args) if arm == "bare" else time_script_arm(train_sadm, arm, cfg, args)
                 )
