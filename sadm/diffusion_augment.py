@@ -247,7 +247,7 @@ class AdaptiveDiffusion(torch.nn.Module):
         self.p = float(initial_p)
         self.T = self.t_min
         self.r_d = 0.0  # r_d of the last adjustment (for logging)
-        self.sign_sum = 0.0  # Σ sign(real logits) since the last adjustment
+        self.sign_sum = 0.0  # Σ sign(real logits) since the last adjustment (a 0-d tensor once updated)
         self.sign_count = 0  # number of real logits since the last adjustment
         self.num_updates = 0  # calls to update()
         self.table_generator = torch.Generator().manual_seed(self.seed)
@@ -295,12 +295,12 @@ class AdaptiveDiffusion(torch.nn.Module):
         last adjustment (= batch·ada_interval for a constant batch) and r_d their mean sign.
         """
         signs = torch.sign(real_logits.detach().float()).flatten()
-        self.sign_sum += float(signs.sum())
+        self.sign_sum = self.sign_sum + signs.sum()  # a tensor on the logits' device: no host sync between adjustments
         self.sign_count += signs.numel()
         self.num_updates += 1
         if self.num_updates % self.ada_interval != 0:
             return
-        self.r_d = self.sign_sum / max(self.sign_count, 1)
+        self.r_d = float(self.sign_sum) / max(self.sign_count, 1)
         if self.adaptive:
             adjust = math.copysign(1.0, self.r_d - self.target) if self.r_d != self.target else 0.0
             self.p = min(max(self.p + adjust * self.sign_count / (self.ada_kimg * 1000), 0.0), 1.0)
@@ -345,7 +345,7 @@ class AdaptiveDiffusion(torch.nn.Module):
             "p": self.p,
             "T": self.T,
             "r_d": self.r_d,
-            "sign_sum": self.sign_sum,
+            "sign_sum": float(self.sign_sum),
             "sign_count": self.sign_count,
             "num_updates": self.num_updates,
             "timestep_table": self.timestep_table.detach().cpu().clone(),

@@ -203,7 +203,7 @@ def diffusion_gan_generator_loss(
     class_labels: torch.Tensor | None,
     config: DiffusionGANConfig,
     generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Adversarial loss of the generator (or of the DiT's x̂₀), `[B]`, and its statistics.
 
     Args:
@@ -215,11 +215,12 @@ def diffusion_gan_generator_loss(
         generator (`torch.Generator` or one per sample, *optional*): drives t and the noise.
 
     Returns:
-        `(loss [B], stats)` with stats `g_adv_loss`, `g_fake_logit_mean` (python floats).
+        `(loss [B], stats)` with stats `g_adv_loss`, `g_fake_logit_mean` (detached 0-d tensors: call `.item()` only
+        when logging, so a training step needs no host sync).
     """
     fake_logits, _, _ = _run_discriminator(discriminator, diffusion, x_fake, class_labels, config, generator)
     loss = gan_generator_loss(fake_logits, config.loss_type)
-    stats = {"g_adv_loss": loss.detach().mean().item(), "g_fake_logit_mean": fake_logits.detach().mean().item()}
+    stats = {"g_adv_loss": loss.detach().mean(), "g_fake_logit_mean": fake_logits.detach().mean()}  # no host sync
     return loss, stats
 
 
@@ -233,7 +234,7 @@ def diffusion_gan_discriminator_loss(
     config: DiffusionGANConfig,
     d_step: int,
     generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Discriminator loss `[B]`, its statistics and the real logits (for `diffusion.update` after gathering).
 
     On D steps with `d_step % r1_interval == 0` (and r1_gamma > 0) the loss includes
@@ -254,7 +255,7 @@ def diffusion_gan_discriminator_loss(
     Returns:
         `(loss [B], stats, real_logits [B] detached)`; stats `d_loss`, `d_real_acc` (share of real logits > 0),
         `d_fake_acc` (share of fake logits < 0), `d_real_logit_mean`, `d_fake_logit_mean`, `r1` (NaN on steps without
-        R1).
+        R1), all detached 0-d tensors.
     """
     do_r1 = config.r1_gamma > 0 and d_step % config.r1_interval == 0
     real_logits, y_real, _ = _run_discriminator(
@@ -269,12 +270,12 @@ def diffusion_gan_discriminator_loss(
         r1 = r1_penalty(real_logits, y_real)
         loss = loss + r1 * (config.r1_gamma / 2) * config.r1_interval
     real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
-    stats = {
-        "d_loss": loss.detach().mean().item(),
-        "d_real_acc": (real_logits > 0).float().mean().item(),
-        "d_fake_acc": (fake_logits < 0).float().mean().item(),
-        "d_real_logit_mean": real_logits.mean().item(),
-        "d_fake_logit_mean": fake_logits.mean().item(),
-        "r1": r1.detach().mean().item() if r1 is not None else math.nan,
+    stats = {  # detached 0-d tensors on the logits' device: no host sync until the caller logs them
+        "d_loss": loss.detach().mean(),
+        "d_real_acc": (real_logits > 0).float().mean(),
+        "d_fake_acc": (fake_logits < 0).float().mean(),
+        "d_real_logit_mean": real_logits.mean(),
+        "d_fake_logit_mean": fake_logits.mean(),
+        "r1": r1.detach().mean() if r1 is not None else torch.full((), math.nan, device=real_logits.device),
     }
     return loss, stats, real_logits

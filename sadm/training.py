@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from PIL import Image
 from torch.utils.data import Sampler
 
@@ -67,6 +67,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses AdamW without weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
+    g.add_argument(
+        "--adam_fused",
+        action="store_true",
+        help="torch's fused AdamW (one kernel for all parameters, CUDA and CPU); same maths as the default.",
+    )
+    g.add_argument(
+        "--adam_foreach",
+        action="store_true",
+        help="torch's multi-tensor AdamW (torch's own default on CUDA, not on CPU); same maths as the default.",
+    )
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     g.add_argument(
         "--mixed_precision",
@@ -75,7 +85,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         choices=["no", "fp16", "bf16"],
         help="Overrides accelerate's config.",
     )
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs.")
     g.add_argument(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
@@ -100,6 +110,22 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_optimizer_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The AdamW implementation flags exclude each other (and bitsandbytes' 8-bit AdamW has neither)."""
+    chosen = [flag for flag in ("use_8bit_adam", "adam_fused", "adam_foreach") if getattr(args, flag)]
+    if len(chosen) > 1:
+        parser.error(f"--{' and --'.join(chosen)} exclude each other; pick one AdamW implementation.")
+
+
+def adamw_implementation(args: argparse.Namespace) -> dict[str, bool]:
+    """Keyword arguments of `torch.optim.AdamW` choosing its implementation: fused, foreach, or torch's default."""
+    if args.adam_fused:
+        return {"fused": True}
+    if args.adam_foreach:
+        return {"foreach": True}
+    return {}
+
+
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
     """Refuse a non-empty --output_dir unless resuming or explicitly overwriting, before any work is done."""
     path = Path(output_dir)
@@ -122,6 +148,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        # batches come from pinned memory on CUDA (`make_dataloader`), so the copy to the device need not block
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
     check_distributed(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
@@ -129,7 +157,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
             "--mixed_precision fp16 has no effect on CPU: accelerate runs float32 there, without autocast or loss "
             "scaling. Use --mixed_precision bf16 for mixed precision on CPUs."
         )
-    if args.allow_tf32 and torch.cuda.is_available():
+    if args.allow_tf32:  # read by CUDA kernels only: a no-op on CPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator

@@ -49,10 +49,12 @@ from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
     BadStepCounter,
+    adamw_implementation,
     add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
     atomic_save_pretrained,
+    check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
@@ -135,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
     check_eval_args(args, parser)
+    check_optimizer_args(args, parser)
     try:
         args.diffusion_gan = dataclass_from_args(
             DiffusionGANConfig, args, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",)
@@ -170,7 +173,14 @@ def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(params, lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_cls(
+        params,
+        lr=lr,
+        betas=betas,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **adamw_implementation(args),
+    )
 
 
 def register_diffusion_hooks(accelerator, diffusion: AdaptiveDiffusion, t_history: list) -> None:
@@ -240,8 +250,9 @@ def plot_T(history: list[list[float]], config: DiffusionGANConfig, path: str) ->
     figure.savefig(path, dpi=100)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def mean(values: list[float | torch.Tensor]) -> float:
+    """Mean of logged statistics (0-d tensors are synced to the host here, once per logged value)."""
+    return float(sum(values) / len(values)) if values else math.nan
 
 
 def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
@@ -467,7 +478,7 @@ def main(args: argparse.Namespace) -> None:
             if diffusion.num_updates // diffusion.ada_interval != num_adjustments:
                 num_adjustments = diffusion.num_updates // diffusion.ada_interval
                 t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
-            # the building blocks return python floats: no host sync beyond theirs
+            # the building blocks return detached 0-d tensors; `mean` syncs them here, once per logged value
             logs = {
                 "g_loss": mean([s["g_adv_loss"] for s in g_stats]),
                 **{k: mean([s[k] for s in d_stats]) for k in MONITORS if k.startswith("d_")},

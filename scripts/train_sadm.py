@@ -53,7 +53,7 @@ from sadm.latents import (
 )
 from sadm.losses import denoising_loss, predict_x0, training_target, vlb_loss
 from sadm.losses.structure import structure_timestep_weights
-from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout
+from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout, float32_norms
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
 from sadm.structure import (
@@ -65,10 +65,12 @@ from sadm.structure import (
 )
 from sadm.training import (
     BadStepCounter,
+    adamw_implementation,
     add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
     atomic_save_pretrained,
+    check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
@@ -148,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--per_sample_noise", action="store_true",
                    help="Draw each sample's label dropout, timestep and noise (and the Diffusion-GAN term's) from generators "
                    "seeded by (seed, sample): the run is then the same on any number of processes or accumulation steps.")  # fmt: skip
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the DiT (in place; same weights and outputs).")  # fmt: skip
     v = parser.add_argument_group("validation")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
@@ -202,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resolution <= 0:
         parser.error(f"--resolution must be positive, got {args.resolution}")
     check_eval_args(args, parser)
+    check_optimizer_args(args, parser)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
     if args.gradient_accumulation_steps < 1:
@@ -323,6 +327,7 @@ def make_disc_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         betas=(args.disc_adam_beta1, args.disc_adam_beta2),
         weight_decay=args.disc_adam_weight_decay,
         eps=args.disc_adam_epsilon,
+        **adamw_implementation(args),
     )
 
 
@@ -374,6 +379,10 @@ def main(args: argparse.Namespace) -> None:
     null_class = model.config.num_embeds_ada_norm  # the null row of the label table: id = class count
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if accelerator.mixed_precision != "no":
+        float32_norms(model)  # LayerNorm in float32 under autocast on every device (CPU's autocast runs it in bf16)
+    if args.torch_compile:
+        model.compile()  # nn.Module.compile: in place, so the state dict, EMA and hooks see the same module
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule="linear",
@@ -410,6 +419,7 @@ def main(args: argparse.Namespace) -> None:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        **adamw_implementation(args),  # {} with --use_8bit_adam (the flags exclude each other)
     )
 
     # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
@@ -681,7 +691,10 @@ def main(args: argparse.Namespace) -> None:
                         d_step += 1
                         diffusion.update(torch.cat(pending_real_logits))  # once per D step, r_d over the global batch
                         pending_real_logits.clear()
-                    stats.update({k: v for k, v in gd_stats.items() if k != "r1" or v == v})
+                    r1 = gd_stats.pop("r1")  # NaN on D steps without the lazy R1: log the last computed value
+                    stats.update(gd_stats)
+                    if gan_cfg.r1_gamma > 0:
+                        stats["r1"] = r1 if "r1" not in stats else torch.where(r1.isnan(), stats["r1"], r1)
                 stats.update({f"ada_{k}": v for k, v in diffusion.stats().items()})
 
             if accelerator.sync_gradients:

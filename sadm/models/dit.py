@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
@@ -38,6 +40,26 @@ def disable_label_dropout(model: DiTTransformer2DModel) -> DiTTransformer2DModel
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
     return model
+
+
+def float32_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Run every LayerNorm/GroupNorm of `model` in float32 under bf16/fp16 autocast (output float32), in place.
+
+    CUDA's autocast already keeps normalisations in float32; CPU's autocast runs them in bf16. Idempotent.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and "forward" not in vars(module):
+            module.forward = _float32_forward(module.forward)  # an instance attribute shadows the class's forward
+    return model
+
+
+def _float32_forward(forward):
+    @functools.wraps(forward)
+    def float32_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float())
+
+    return float32_forward
 
 
 def build_dit(
