@@ -737,6 +737,8 @@ def main(args: argparse.Namespace) -> None:
                     f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
                     f"- Model: {args.pretrained_model_name_or_path or args.model_config_name_or_path or args.model}, "
                     f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, learned σ: {learn_sigma}.",
+                    f"- Fine-tuning: --trainable {args.trainable} ({num_trained:,} of {num_params:,} parameters trained, "
+                    f"merged into the export), label table: {args.label_init or 'kept'}.",
                     f"- Objective: {args.prediction_type} prediction; SADM structure loss: {struct_cfg if use_structure else 'off'}; "
                     f"Diffusion-GAN term: {gan_cfg if use_gan else 'off'}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",
