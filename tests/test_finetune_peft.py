@@ -251,3 +251,31 @@ def test_bad_fine_tuning_flags_stop_with_clear_errors(tmp_path, base, monkeypatc
     with pytest.raises(SystemExit):
         train_sadm.parse_args([*common, "--label_map", "a=1", "--output_dir", str(tmp_path / "o5")])
     assert "--label_map needs --label_init map" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- the evidence's tooling
+def test_sample_crops_folder_is_deterministic_and_refuses_a_non_empty_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sadm.data import sample_crops_image_folder, scan_image_folder
+
+    a = sample_crops_image_folder(tmp_path / "a", per_class=3, seed=0)
+    files, labels, id2label = scan_image_folder(a)
+    assert id2label == {0: "building", 1: "leaves", 2: "petals", 3: "sky"} and len(files) == 12
+    image = Image.open(files[0])
+    assert image.mode == "L" and image.size == (16, 16)
+    b = sample_crops_image_folder(tmp_path / "b", per_class=3, seed=0)
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(b / p.relative_to(a)))) for p in files)
+    with pytest.raises(FileExistsError, match="not empty"):
+        sample_crops_image_folder(a)
+
+
+def test_evaluate_pixels_features(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import evaluate
+
+    args = evaluate.parse_args(["--samples", str(tmp_path), "--feature_network", "pixels", "--metrics", "fid"])
+    network = evaluate.build_feature_network(args, None)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert network.identity == "pixels_r16" and torch.equal(network(images), images.reshape(2, 256))
