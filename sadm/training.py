@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_STATE_NAME = "train_state.json"
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+EMA_STATE_NAME = "ema_state.pt"
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -329,18 +331,37 @@ def load_train_state(checkpoint: Path) -> dict:
 
 
 def register_model_hooks(
-    accelerator: Accelerator, names: list[str], ema=None, ema_name: str = "transformer_ema"
+    accelerator: Accelerator,
+    names: list[str],
+    ema=None,
+    ema_name: str = "transformer_ema",
+    trainable_only: tuple[str, ...] = (),
 ) -> None:
     """Save every prepared model with `save_pretrained` into `<checkpoint>/<name>/` (safetensors) and load it back.
 
     `names` follow the order in which the models were passed to `accelerator.prepare`. The EMA is saved beside them.
+    Models named in `trainable_only` (parameter-efficient fine-tuning) save only their trained parameters, by name, in
+    `<name>/trainable.safetensors`; the frozen rest is rebuilt from the pretrained weights on resume. An EMA built without
+    a `model_cls` (one over the trained parameters only) is saved as its state dict, `<ema_name>/ema_state.pt`.
     """
+    from safetensors.torch import load_file, save_file
+
+    def trained(model) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for name, model in zip(names, models):
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, name))
-            if ema is not None:
+                model = accelerator.unwrap_model(model)
+                if name in trainable_only:
+                    os.makedirs(os.path.join(output_dir, name), exist_ok=True)
+                    save_file(trained(model), os.path.join(output_dir, name, TRAINABLE_WEIGHTS_NAME))
+                else:
+                    model.save_pretrained(os.path.join(output_dir, name))
+            if ema is not None and ema.model_cls is None:
+                os.makedirs(os.path.join(output_dir, ema_name), exist_ok=True)
+                torch.save(ema.state_dict(), os.path.join(output_dir, ema_name, EMA_STATE_NAME))
+            elif ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, ema_name))
         while weights:  # accelerate must not pickle the weights again
             weights.pop()
@@ -348,12 +369,29 @@ def register_model_hooks(
     def load_hook(models, input_dir):
         for name, model in zip(names, list(models)):
             model = accelerator.unwrap_model(model)
+            if name in trainable_only:
+                path = os.path.join(input_dir, name, TRAINABLE_WEIGHTS_NAME)
+                state, expected = load_file(path), set(trained(model))
+                if set(state) != expected:
+                    raise ValueError(
+                        f"{path} holds other parameters than this run trains ({len(set(state) - expected)} unexpected, "
+                        f"{len(expected - set(state))} missing, e.g. {sorted(set(state) ^ expected)[:3]}): resume with "
+                        "the --trainable/--lora_* options of the run that wrote it."
+                    )
+                model.load_state_dict(state, strict=False)
+                continue
             loaded = type(model).from_pretrained(input_dir, subfolder=name)
             model.load_state_dict(loaded.state_dict())
             del loaded
         while models:
             models.pop()
-        if ema is not None:
+        if ema is not None and ema.model_cls is None:
+            state = torch.load(
+                os.path.join(input_dir, ema_name, EMA_STATE_NAME), map_location="cpu", weights_only=True
+            )
+            ema.load_state_dict(state)
+            ema.to(accelerator.device)
+        elif ema is not None:
             from diffusers.training_utils import EMAModel
 
             loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, ema_name), model_cls=ema.model_cls)

@@ -38,7 +38,7 @@ from sadm.evaluation import (
     load_images_npz,
     sample_features,
 )
-from sadm.metrics import FeatureStatistics, InceptionFeatures, TimmFeatures
+from sadm.metrics import FeatureStatistics, InceptionFeatures, ModuleFeatures, TimmFeatures
 from sadm.models.digit_classifier import DigitsFeatures
 
 logger = get_logger(__name__)
@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--feature_network",
         type=str,
         default="digits",
-        help="digits (the cached digit classifier, at --resolution), inception (FID Inception-v3), or timm:<model name>.",
+        help="digits (the cached digit classifier, at --resolution), inception (FID Inception-v3), pixels (raw pixels: "
+        "pixel-space FID/KID, no network), or timm:<model name>.",
     )
     parser.add_argument(
         "--inception_weights", type=str, default=None, help="Local path of pt_inception-2015-12-05-6726825d.pth."
@@ -135,8 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--save_reference_stats writes statistics computed from images; --reference_stats already is a file."
         )
-    if not (args.feature_network in ("digits", "inception") or args.feature_network.startswith("timm:")):
-        parser.error(f"--feature_network must be digits, inception or timm:<name>, got '{args.feature_network}'.")
+    if not (args.feature_network in ("digits", "inception", "pixels") or args.feature_network.startswith("timm:")):
+        parser.error(
+            f"--feature_network must be digits, inception, pixels or timm:<name>, got '{args.feature_network}'."
+        )
     if not Path(args.samples).exists():
         parser.error(f"--samples {args.samples} does not exist.")
     return args
@@ -148,6 +151,8 @@ def build_feature_network(args: argparse.Namespace, accelerator: Accelerator) ->
             return DigitsFeatures(resolution=args.resolution, cache_dir=args.classifier_cache_dir)
     if args.feature_network == "inception":
         return InceptionFeatures(args.inception_weights)
+    if args.feature_network == "pixels":  # FID/KID on the raw pixels (C*H*W features): no learned network at all
+        return ModuleFeatures(torch.nn.Flatten(), identity=f"pixels_r{args.resolution}")
     return TimmFeatures(args.feature_network[len("timm:") :], args.timm_weights, image_size=args.timm_image_size)
 
 

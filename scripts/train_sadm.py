@@ -36,6 +36,17 @@ from sadm.diffusion_gan import (
     diffusion_gan_generator_loss,
 )
 from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.finetune import (
+    DEFAULT_LORA_TARGETS,
+    LABEL_INITS,
+    TRAINABLE_MODES,
+    merged_dit,
+    parse_label_map,
+    pretrained_id2label,
+    relabel_for_data,
+    setup_trainable,
+    trainable_parameters,
+)
 from sadm.latents import (
     build_latent_cache,
     check_noise_schedule,
@@ -151,6 +162,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Draw each sample's label dropout, timestep and noise (and the Diffusion-GAN term's) from generators "
                    "seeded by (seed, sample): the run is then the same on any number of processes or accumulation steps.")  # fmt: skip
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the DiT (in place; same weights and outputs).")  # fmt: skip
+    f = parser.add_argument_group("fine-tuning (new label sets, parameter-efficient training; docs/FINETUNING.md)")
+    f.add_argument("--label_init", type=str, default=None, choices=list(LABEL_INITS),
+                   help="Give the pretrained model a new label table for the data's classes: random rows, the mean of the "
+                   "old class rows, or --label_map (unmapped: the mean). The null row is kept. Default: keep the table "
+                   "(the class counts must match).")  # fmt: skip
+    f.add_argument("--label_map", type=str, default=None,
+                   help="With --label_init map: `new_name=old_id,...` or a JSON file {new name: old id or old name}.")  # fmt: skip
+    f.add_argument("--trainable", type=str, default="full", choices=list(TRAINABLE_MODES),
+                   help="full: every weight; difffit: biases, norms, label tables and per-block scales γ (DiffFit); "
+                   "lora: peft LoRA adapters + label tables. Exports are merged into a plain DiT.")  # fmt: skip
+    f.add_argument("--lora_rank", type=int, default=8, help="LoRA rank r.")
+    f.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (scale α/r); default: the rank.")
+    f.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGETS),
+                   help="Comma-separated module-name suffixes that get LoRA adapters (default: attention q/k/v/out, MLP).")  # fmt: skip
     v = parser.add_argument_group("validation")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
@@ -217,6 +242,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"--resolution {args.resolution} is not divisible by the patch size {patch} of --model {args.model}"
             )
+    if args.label_map is not None and args.label_init != "map":
+        parser.error("--label_map needs --label_init map.")
+    if args.label_init == "map" and args.label_map is None:
+        parser.error("--label_init map needs --label_map (new_name=old_id,... or a JSON file).")
+    if args.label_map is not None:
+        try:
+            parse_label_map(args.label_map)
+        except ValueError as error:
+            parser.error(str(error))
+    if (args.label_init is not None or args.trainable != "full") and args.pretrained_model_name_or_path is None:
+        parser.error(
+            "--label_init and --trainable difffit/lora fine-tune a model: pass --pretrained_model_name_or_path."
+        )
+    if args.lora_rank < 1:
+        parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if args.trainable == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            parser.error("--trainable lora needs peft (`pip install peft`), which is not importable here.")
     if args.learning_rate is None:  # the paper's 1e-4 for real DiTs; the tiny CPU preset needs more (docs/DIGITS.md)
         tiny = (
             args.model == "tiny"
@@ -224,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and args.model_config_name_or_path is None
         )
         args.learning_rate = 1e-3 if tiny else 1e-4
+        if args.trainable != "full":  # DiffFit (arXiv 2304.06648) and common LoRA practice: 10x the full-tuning LR
+            args.learning_rate *= 10
     try:  # validate the method configs before any work is done
         args.structure = dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS)
         args.diffusion_gan = dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS)
@@ -258,10 +306,15 @@ GAN_FLAGS = {"weight": "gan_loss_weight"}
 
 
 def build_model(
-    args, num_channels: int, num_classes: int, vae: AutoencoderKL | None = None, vae_source: str | None = None
+    args,
+    num_channels: int,
+    num_classes: int,
+    id2label: dict[int, str] | None = None,
+    vae: AutoencoderKL | None = None,
+    vae_source: str | None = None,
 ) -> DiTTransformer2DModel:
-    """The denoiser: pretrained (components checked by `pretrained_components`), from a config, or a preset; on the
-    VAE's latents when there is a VAE, else on pixels."""
+    """The denoiser: pretrained (components checked by `pretrained_components`, label table remapped to the data's
+    classes with --label_init), from a config, or a preset; on the VAE's latents when there is a VAE, else on pixels."""
     if args.pretrained_model_name_or_path is not None:
         model = DiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
         source = f"{args.pretrained_model_name_or_path}/transformer"
@@ -282,11 +335,10 @@ def build_model(
         check_transformer_fits_latents(model, vae, vae_source, args.resolution, source)
     else:
         check_dit_fits(model, args.resolution, num_channels, source)
-    if num_classes and model.config.num_embeds_ada_norm != num_classes:
-        raise ValueError(
-            f"{source} has {model.config.num_embeds_ada_norm} classes but the data has {num_classes}; "
-            "relabelling a pretrained model comes with the fine-tuning options."
-        )
+    old_id2label = pretrained_id2label(args.pretrained_model_name_or_path)
+    model = relabel_for_data(
+        model, num_classes, id2label, args.label_init, args.label_map, old_id2label, args.seed, source
+    )
     return disable_label_dropout(model)
 
 
@@ -374,7 +426,11 @@ def main(args: argparse.Namespace) -> None:
         vae.to(accelerator.device)
 
     # ---- models, optimizer, EMA
-    model = build_model(args, dataset.num_channels, num_classes, vae, vae_source)
+    model = build_model(args, dataset.num_channels, num_classes, id2label, vae, vae_source)
+    model = setup_trainable(model, args.trainable, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    num_trained = sum(p.numel() for p in trainable_parameters(model))
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"--trainable {args.trainable}: {num_trained:,} of {num_params:,} parameters trained")
     learn_sigma = model.config.out_channels == 2 * model.config.in_channels
     null_class = model.config.num_embeds_ada_norm  # the null row of the label table: id = class count
     if args.gradient_checkpointing:
@@ -396,15 +452,17 @@ def main(args: argparse.Namespace) -> None:
     betas = noise_scheduler.betas.to(accelerator.device)
 
     ema = None
-    if args.use_ema:
+    if args.use_ema:  # PEFT: the EMA tracks only what is trained and is saved as its state dict, not as a model
+        as_model = (
+            {"model_cls": DiTTransformer2DModel, "model_config": model.config} if args.trainable == "full" else {}
+        )
         ema = EMAModel(
-            model.parameters(),
+            trainable_parameters(model),
             decay=args.ema_max_decay,
             use_ema_warmup=True,
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
-            model_cls=DiTTransformer2DModel,
-            model_config=model.config,
+            **as_model,
         )
         ema.to(accelerator.device)
 
@@ -414,7 +472,7 @@ def main(args: argparse.Namespace) -> None:
 
         optimizer_cls = bnb.optim.AdamW8bit
     optimizer = optimizer_cls(
-        model.parameters(),
+        trainable_parameters(model),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -475,7 +533,9 @@ def main(args: argparse.Namespace) -> None:
         gan_disc, gan_opt = accelerator.prepare(gan_disc, gan_opt)
         model_names.append("timestep_discriminator")
         register_state_hooks(accelerator, {"adaptive_diffusion": diffusion})
-    register_model_hooks(accelerator, model_names, ema=ema)
+    register_model_hooks(
+        accelerator, model_names, ema=ema, trainable_only=("transformer",) if args.trainable != "full" else ()
+    )
     gather = all_gather_with_grad if struct_cfg.scope == "global" else None
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
 
@@ -512,8 +572,8 @@ def main(args: argparse.Namespace) -> None:
     def run_validation(step: int) -> None:
         unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
-            ema.store(unwrapped.parameters())
-            ema.copy_to(unwrapped.parameters())
+            ema.store(trainable_parameters(unwrapped))
+            ema.copy_to(trainable_parameters(unwrapped))
         unwrapped.eval()
         pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
         pipeline.set_progress_bar_config(disable=True)
@@ -527,7 +587,7 @@ def main(args: argparse.Namespace) -> None:
         ).images
         unwrapped.train()
         if ema is not None:
-            ema.restore(unwrapped.parameters())
+            ema.restore(trainable_parameters(unwrapped))
         log_images(accelerator, "validation", images, step)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
@@ -539,8 +599,8 @@ def main(args: argparse.Namespace) -> None:
         unwrapped = accelerator.unwrap_model(model)
         with preserve_rng_state(accelerator):
             if ema is not None:
-                ema.store(unwrapped.parameters())
-                ema.copy_to(unwrapped.parameters())
+                ema.store(trainable_parameters(unwrapped))
+                ema.copy_to(trainable_parameters(unwrapped))
             unwrapped.eval()
             pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
             results, is_best = evaluator.evaluate(pipeline, step)
@@ -548,14 +608,14 @@ def main(args: argparse.Namespace) -> None:
                 assert_finite_parameters({"transformer": unwrapped})
 
                 def write(folder: str) -> None:
-                    pipeline.save_pretrained(folder)
+                    make_pipeline(merged_dit(unwrapped), pipeline.scheduler, id2label).save_pretrained(folder)
                     copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
                     evaluator.write_best_metrics(folder, step, results)
 
                 atomic_save_pretrained(evaluator.best_dir, write)
             unwrapped.train()
             if ema is not None:
-                ema.restore(unwrapped.parameters())
+                ema.restore(trainable_parameters(unwrapped))
         logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
         accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
         accelerator.wait_for_everyone()
@@ -699,7 +759,7 @@ def main(args: argparse.Namespace) -> None:
 
             if accelerator.sync_gradients:
                 if ema is not None:
-                    ema.step(model.parameters())
+                    ema.step(trainable_parameters(model))
                 global_step += 1
                 progress.update(1)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
@@ -751,7 +811,8 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
         if ema is not None:
-            ema.copy_to(transformer.parameters())
+            ema.copy_to(trainable_parameters(transformer))
+        transformer = merged_dit(transformer)  # DiffFit γ folded, LoRA merged: a plain DiTTransformer2DModel
         assert_finite_parameters({"transformer": transformer})
         pipeline = make_pipeline(transformer, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
 
@@ -774,6 +835,8 @@ def main(args: argparse.Namespace) -> None:
                     f"- Model: {args.pretrained_model_name_or_path or args.model_config_name_or_path or args.model}, "
                     f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, learned σ: {learn_sigma}, "
                     f"{f'latent (VAE {vae_source}, discriminators on {args.disc_input}s)' if vae is not None else 'pixel space'}.",
+                    f"- Fine-tuning: --trainable {args.trainable} ({num_trained:,} of {num_params:,} parameters trained, "
+                    f"merged into the export), label table: {args.label_init or 'kept'}.",
                     f"- Objective: {args.prediction_type} prediction; SADM structure loss: {struct_cfg if use_structure else 'off'}; "
                     f"Diffusion-GAN term: {gan_cfg if use_gan else 'off'}; {global_step} steps at batch {total_batch}; EMA: {args.use_ema}.",
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",
