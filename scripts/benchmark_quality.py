@@ -61,6 +61,7 @@ ARMS.update({
     "ft_sadm_ratio2": ("train_sadm.py", [*FINETUNE, *SADM, "--disc_update_ratio", "2"]),
     "ft_sadm_vit": ("train_sadm.py", [*FINETUNE, *SADM, "--disc_backbone", "vit"]),
     "ft_gan_term": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01"]),
+    "ft_sadm+gan_term": ("train_sadm.py", [*FINETUNE, *SADM, "--gan_loss_weight", "0.01"]),
 })  # fmt: skip
 METRICS = ("accuracy", "fid", "precision", "recall")
 
