@@ -608,7 +608,7 @@ def main(args: argparse.Namespace) -> None:
                 assert_finite_parameters({"transformer": unwrapped})
 
                 def write(folder: str) -> None:
-                    make_pipeline(merged_dit(unwrapped), pipeline.scheduler, id2label).save_pretrained(folder)
+                    make_pipeline(merged_dit(unwrapped), pipeline.scheduler, id2label, vae).save_pretrained(folder)
                     copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
                     evaluator.write_best_metrics(folder, step, results)
 
