@@ -233,8 +233,8 @@ def check_on_bad_image(on_bad_image: str) -> None:
         raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
 
 
-def image_error(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be used as a training image, or None when it decodes completely.
+def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | None]:
+    """`(size, None)` when `path` decodes completely, else `(None, why it cannot be used as a training image)`.
 
     `verify()` checks the container (PNG chunk CRCs, a missing IEND) but not every truncation of the pixel data, and
     `load()` decodes the pixels but stops before the trailing chunks: both are run (about 0.1 ms for a small PNG).
@@ -244,13 +244,14 @@ def image_error(path: str | os.PathLike) -> str | None:
             image.verify()
         with Image.open(path) as image:
             image.load()
+            return image.size, None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None, f"{type(error).__name__}: {error}"
 
 
-def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> list[int]:
-    """Decode every image once, before training starts, so a bad file is named up front; returns the readable indices.
+def scan_images(paths: list[Path], on_bad_image: str = "error") -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Decode every image once, before training starts, so a bad file is named up front; returns the readable indices
+    and their `(width, height)` (so no later check has to open the files again).
 
     Args:
         paths (`list[Path]`): the image files.
@@ -258,11 +259,11 @@ def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> lis
             and warns once with their count and a few of their names.
     """
     check_on_bad_image(on_bad_image)
-    readable, bad = [], []
+    sizes, bad = {}, []
     for index, path in enumerate(paths):
-        error = image_error(path)
+        size, error = probe_image(path)
         if error is None:
-            readable.append(index)
+            sizes[index] = size
         elif on_bad_image == "error":
             raise ValueError(f"Cannot read image {path}: {error} (--on_bad_image skip drops unreadable files).")
         else:
@@ -272,9 +273,14 @@ def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> lis
             f"--on_bad_image skip: dropped {len(bad)} of {len(paths)} image(s) that cannot be read, e.g. {bad[:3]}.",
             stacklevel=2,
         )
-    if not readable:
+    if not sizes:
         raise ValueError(f"None of the {len(paths)} images can be read (first: {bad[0]}).")
-    return readable
+    return list(sizes), sizes
+
+
+def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> list[int]:
+    """The indices of the readable images of `paths` ([`scan_images`] without the sizes)."""
+    return scan_images(paths, on_bad_image)[0]
 
 
 def image_channels(image: Image.Image) -> int:
@@ -536,17 +542,15 @@ def load_train_dataset(
         if max_train_samples is not None:
             files = files[:max_train_samples]
             labels = labels[:max_train_samples] if labels is not None else None
-        readable = check_images_readable(files, on_bad_image)
-        if len(readable) < len(files):  # ids and id2label stay those of the full scan
-            files = [files[i] for i in readable]
-            labels = [labels[i] for i in readable] if labels is not None else None
+        readable, sizes = scan_images(files, on_bad_image)  # one decoding pass: readability and sizes
+        files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
+        labels = [labels[i] for i in readable] if labels is not None else None
+        sizes = [sizes[i] for i in readable]
 
         def load_image(index: int) -> Image.Image:
             return _open(files[index])
 
-        def image_size(index: int) -> tuple[int, int]:
-            with Image.open(files[index]) as image:  # the header only
-                return image.size
+        image_size = sizes.__getitem__
 
         describe = lambda index: str(files[index])  # noqa: E731
         num_items = len(files)
