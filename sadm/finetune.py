@@ -232,6 +232,24 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def optimizer_param_groups(model: torch.nn.Module, label_learning_rate: float | None = None) -> list[dict]:
+    """The trainable parameters as optimizer groups; with `label_learning_rate` the label tables get their own LR.
+
+    A new label set starts from random or mean rows, every class alike; at the full-tuning LR (1e-4) Adam moves each
+    coordinate by at most ~lr per step, so a few hundred steps barely separate the classes (docs/FINETUNING.md).
+    A separate, larger LR for the tables alone (a few thousand parameters) lets the classes separate without
+    raising the LR of the pretrained weights.
+    """
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if label_learning_rate is None:
+        return [{"params": [p for _, p in params]}]
+    groups = [
+        {"params": [p for name, p in params if "class_embedder" not in name]},
+        {"params": [p for name, p in params if "class_embedder" in name], "lr": label_learning_rate},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a parameter-efficient checkpoint holds: the trained parameters only, by name."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

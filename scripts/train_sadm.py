@@ -41,6 +41,7 @@ from sadm.finetune import (
     LABEL_INITS,
     TRAINABLE_MODES,
     merged_dit,
+    optimizer_param_groups,
     parse_label_map,
     pretrained_id2label,
     relabel_for_data,
@@ -172,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--trainable", type=str, default="full", choices=list(TRAINABLE_MODES),
                    help="full: every weight; difffit: biases, norms, label tables and per-block scales γ (DiffFit); "
                    "lora: peft LoRA adapters + label tables. Exports are merged into a plain DiT.")  # fmt: skip
+    f.add_argument("--label_learning_rate", type=float, default=None,
+                   help="LR of the label tables alone (default: --learning_rate). A new label set learns its classes "
+                   "faster with a larger one while the pretrained weights keep theirs (docs/FINETUNING.md).")  # fmt: skip
     f.add_argument("--lora_rank", type=int, default=8, help="LoRA rank r.")
     f.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (scale α/r); default: the rank.")
     f.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGETS),
@@ -242,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"--resolution {args.resolution} is not divisible by the patch size {patch} of --model {args.model}"
             )
+    if args.label_learning_rate is not None and not args.label_learning_rate > 0:
+        parser.error(f"--label_learning_rate must be positive, got {args.label_learning_rate}")
     if args.label_map is not None and args.label_init != "map":
         parser.error("--label_map needs --label_init map.")
     if args.label_init == "map" and args.label_map is None:
@@ -472,7 +478,7 @@ def main(args: argparse.Namespace) -> None:
 
         optimizer_cls = bnb.optim.AdamW8bit
     optimizer = optimizer_cls(
-        trainable_parameters(model),
+        optimizer_param_groups(model, args.label_learning_rate),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from sadm.finetune import (
     label_tables,
     merged_dit,
+    optimizer_param_groups,
     parse_label_map,
     relabel_dit,
     relabel_for_data,
@@ -145,6 +146,27 @@ def test_only_the_intended_parameters_change_and_the_merged_export_matches(tmp_p
         assert torch.allclose(reloaded(x, timestep=t, class_labels=y).sample, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_label_learning_rate_moves_only_the_label_tables_faster(mode):
+    model = setup_trainable(relabel_dit(pretrained(), 3, "random"), mode, lora_rank=4)
+    assert len(optimizer_param_groups(model)) == 1
+    groups = optimizer_param_groups(model, label_learning_rate=1e-2)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in trainable_parameters(model))  # each trained parameter once
+    assert [g.get("lr") for g in groups] == [None, 1e-2]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(groups, lr=1e-4)
+    torch.manual_seed(0)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)), torch.tensor([0, 1, 2, 3])
+    model(x, timestep=t, class_labels=y).sample.square().mean().backward()
+    optimizer.step()  # Adam's first step moves every coordinate with a gradient by ~lr
+    steps = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    tables_moved = [v for n, v in steps.items() if "class_embedder" in n]
+    others_moved = [v for n, v in steps.items() if "class_embedder" not in n and v > 0]
+    assert tables_moved and all(9e-3 < v < 1.1e-2 for v in tables_moved)
+    assert others_moved and all(v < 1.1e-4 for v in others_moved)
+
+
 # ------------------------------------------------------------------------------------------------ the training script
 TINY = ["--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
 
@@ -251,6 +273,9 @@ def test_bad_fine_tuning_flags_stop_with_clear_errors(tmp_path, base, monkeypatc
     with pytest.raises(SystemExit):
         train_sadm.parse_args([*common, "--label_map", "a=1", "--output_dir", str(tmp_path / "o5")])
     assert "--label_map needs --label_init map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_sadm.parse_args([*common, "--label_learning_rate", "0", "--output_dir", str(tmp_path / "o6")])
+    assert "--label_learning_rate must be positive, got 0.0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- the evidence's tooling

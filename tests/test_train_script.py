@@ -73,8 +73,19 @@ def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
             "--gan_loss_weight",
             "0.05",
         ],  # SADM + GAN
+        [
+            "--structure_loss_weight",
+            "0.05",
+            "--structure_warmup_steps",
+            "0",
+            "--structure_t_threshold",
+            "1000",
+            "--gan_loss_weight",
+            "0.05",
+            "--per_sample_noise",
+        ],  # SADM + GAN with the draws seeded per (seed, epoch, sample index, stream)
     ],
-    ids=["dsm", "sadm+gan"],
+    ids=["dsm", "sadm+gan", "sadm+gan_per_sample_noise"],
 )
 def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir, terms):
     common = [*terms, *TINY, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
