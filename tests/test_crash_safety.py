@@ -295,6 +295,40 @@ def test_non_finite_discriminator_steps_are_skipped_counted_then_the_run_stops(t
     assert [e.value for e in events.Scalars("bad_steps_transformer")] == [0.0, 0.0]
 
 
+@pytest.mark.slow
+def test_gan_trainer_skips_non_finite_discriminator_steps_then_stops(tmp_path):
+    """The GAN trainer (scripts/train_diffusion_gan.py) under the same fault: R1 weight 3e38 at every D step. The
+    discriminator's steps are skipped and counted, the generator keeps training, --max_bad_steps consecutive bad
+    steps stop the run with no export; every checkpoint holds finite weights and the same discriminator."""
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=8, mode="L")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_diffusion_gan.py"), "--resolution", "8",
+           "--train_batch_size", "2", "--latent_dim", "8", "--generator_base_channels", "8",
+           "--disc_base_channels", "8", "--disc_num_layers", "2", "--validation_steps", "0", "--report_to", "none",
+           "--train_data_dir", str(data), "--output_dir", str(out), "--max_train_steps", "20",
+           "--checkpointing_steps", "1", "--lr_warmup_steps", "0", "--max_bad_steps", "3", "--no-use_ema",
+           "--diffusion_gan_r1_gamma", "3e38", "--diffusion_gan_r1_interval", "1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+    assert result.returncode != 0
+    assert "FloatingPointError: 3 consecutive non-finite discriminator steps (--max_bad_steps 3)" in result.stderr
+    assert result.stderr.count("Non-finite discriminator gradient") == 3
+    assert "Non-finite generator gradient" not in result.stderr
+    assert not (out / "model_index.json").exists()
+    checkpoints = list_checkpoints(out)
+    assert [step_of(p) for p in checkpoints] == [1, 2]
+    state = json.loads((checkpoints[-1] / TRAIN_STATE_NAME).read_text())["bad_steps"]
+    assert state["total"]["generator"] == 0 and state["consecutive"]["discriminator"] == 2
+    disc, gen = (
+        [load_file(str(p / name / "diffusion_pytorch_model.safetensors")) for p in checkpoints]
+        for name in ("discriminator", "generator")
+    )
+    assert all(torch.isfinite(t).all() for w in disc + gen for t in w.values())
+    weights = [k for k in disc[0] if not k.endswith(("._u", "._v"))]  # spectral-norm vectors move on every forward
+    assert weights and all(torch.equal(disc[0][k], disc[1][k]) for k in weights)  # skipped steps changed nothing
+    assert any(not torch.equal(gen[0][k], gen[1][k]) for k in gen[0])  # the generator did train
+
+
 def test_bad_step_counter_counts_consecutive_steps_per_model(caplog):
     counter = BadStepCounter(max_bad_steps=2)
     counter.update("transformer", True, 0)

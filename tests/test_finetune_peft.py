@@ -3,6 +3,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
@@ -244,6 +245,31 @@ def test_difffit_run_exports_folded_scales(tmp_path, base):
     key = "transformer_blocks.0.attn1.to_q.weight"  # frozen and not a branch output: unchanged
     assert torch.equal(exported[key], base_weights[key])
     assert "--trainable difffit" in (out / "README.md").read_text()
+
+
+def test_unconditional_fine_tuning_of_a_class_conditional_export(tmp_path, base):
+    """--unconditional on a 10-class export: one class whose row starts as the old null row; the export is an
+    unconditional pipeline (no id2label, 1 class) that samples without labels and refuses them."""
+    pretrained_dir, data = base
+    out = tmp_path / "uncond"
+    result = run_script(
+        "train_sadm.py", *TINY, "--pretrained_model_name_or_path", str(pretrained_dir), "--train_data_dir", str(data),
+        "--unconditional", "--max_train_steps", "2", "--no-use_ema", "--output_dir", str(out), launch=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_embeds_ada_norm == 1 and not pipe.config.id2label
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(class_labels=[0], num_inference_steps=2)
+    base_weights = load_file(str(pretrained_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    key = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    assert exported[key].shape == (2, base_weights[key].shape[1])  # the class row + the null row
+    # two steps at LR 1e-4 from the old null row: still close to it, far from the mean of the old class rows
+    assert (exported[key][0] - base_weights[key][OLD]).abs().max() < 0.01
+    assert (exported[key][0] - base_weights[key][:OLD].mean(0)).abs().max() > 0.1
 
 
 def test_bad_fine_tuning_flags_stop_with_clear_errors(tmp_path, base, monkeypatch, capsys):
