@@ -40,6 +40,7 @@ from sadm.finetune import (
     DEFAULT_LORA_TARGETS,
     LABEL_INITS,
     TRAINABLE_MODES,
+    label_tables,
     merged_dit,
     optimizer_param_groups,
     parse_label_map,
@@ -437,6 +438,13 @@ def main(args: argparse.Namespace) -> None:
     num_trained = sum(p.numel() for p in trainable_parameters(model))
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"--trainable {args.trainable}: {num_trained:,} of {num_params:,} parameters trained")
+    if args.label_init is not None:  # how far the new rows can move: Adam changes a coordinate by ≲ LR per step
+        row_std = torch.stack([t.embedding_table.weight[:-1].std() for t in label_tables(model)]).mean()
+        label_lr = args.label_learning_rate or args.learning_rate
+        logger.info(
+            f"New label tables: the class rows' coordinates have std {row_std:.3g}; at LR {label_lr:g} Adam moves "
+            f"each by at most ~{label_lr:g} per step (--label_learning_rate sets the tables' LR; docs/FINETUNING.md)"
+        )
     learn_sigma = model.config.out_channels == 2 * model.config.in_channels
     null_class = model.config.num_embeds_ada_norm  # the null row of the label table: id = class count
     if args.gradient_checkpointing:

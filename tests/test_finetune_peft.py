@@ -245,6 +245,8 @@ def test_difffit_run_exports_folded_scales(tmp_path, base):
     key = "transformer_blocks.0.attn1.to_q.weight"  # frozen and not a branch output: unchanged
     assert torch.equal(exported[key], base_weights[key])
     assert "--trainable difffit" in (out / "README.md").read_text()
+    # rows 7, mean, 1 of N(0, 1) tables: std ≈ 0.82; at DiffFit's LR 1e-3
+    assert "class rows' coordinates have std 0.8" in result.stderr and "at LR 0.001 Adam moves" in result.stderr
 
 
 def test_unconditional_fine_tuning_of_a_class_conditional_export(tmp_path, base):
