@@ -59,31 +59,16 @@ def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
     assert all(torch.equal(ema[k], exported[k]) for k in exported)
 
 
+SADM_AND_GAN = ["--structure_loss_weight", "0.05", "--structure_warmup_steps", "0", "--structure_t_threshold", "1000",
+                "--gan_loss_weight", "0.05"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "terms",
     [
         ["--structure_loss_weight", "0"],  # plain DSM
-        [
-            "--structure_loss_weight",
-            "0.05",
-            "--structure_warmup_steps",
-            "0",
-            "--structure_t_threshold",
-            "1000",
-            "--gan_loss_weight",
-            "0.05",
-        ],  # SADM + GAN
-        [
-            "--structure_loss_weight",
-            "0.05",
-            "--structure_warmup_steps",
-            "0",
-            "--structure_t_threshold",
-            "1000",
-            "--gan_loss_weight",
-            "0.05",
-            "--per_sample_noise",
-        ],  # SADM + GAN with the draws seeded per (seed, epoch, sample index, stream)
+        SADM_AND_GAN,
+        [*SADM_AND_GAN, "--per_sample_noise"],  # draws seeded per (seed, epoch, sample index, stream)
     ],
     ids=["dsm", "sadm+gan", "sadm+gan_per_sample_noise"],
 )
