@@ -42,6 +42,11 @@ def label_tables(model: DiTTransformer2DModel) -> list[LabelEmbedding]:
     return [m for m in model.modules() if isinstance(m, LabelEmbedding)]
 
 
+def label_spread(model: DiTTransformer2DModel) -> float:
+    """How far apart the class rows are: the std over class rows per coordinate, averaged over coordinates and blocks."""
+    return torch.stack([t.embedding_table.weight[:-1].std(0).mean() for t in label_tables(model)]).mean().item()
+
+
 def parse_label_map(spec: str) -> dict[str, str]:
     """`--label_map`: a JSON file `{"new name": old id or old name, ...}` or inline `new=old,new=old`."""
     if os.path.isfile(spec):

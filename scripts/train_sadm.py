@@ -40,7 +40,7 @@ from sadm.finetune import (
     DEFAULT_LORA_TARGETS,
     LABEL_INITS,
     TRAINABLE_MODES,
-    label_tables,
+    label_spread,
     merged_dit,
     optimizer_param_groups,
     parse_label_map,
@@ -343,6 +343,14 @@ def build_model(
     else:
         check_dit_fits(model, args.resolution, num_channels, source)
     old_id2label = pretrained_id2label(args.pretrained_model_name_or_path)
+    if args.label_init is not None and model.config.num_embeds_ada_norm > 1:
+        # Adam moves a coordinate by ≲ LR per step: new rows need ~spread / LR steps to lie as far apart as the old ones
+        spread, label_lr = label_spread(model), args.label_learning_rate or args.learning_rate
+        logger.info(
+            f"New label tables: the pretrained class rows differ by {spread:.3g} per coordinate (std); at LR "
+            f"{label_lr:g} the new rows need ~{spread / label_lr:.0f} steps to spread as far (--label_learning_rate; "
+            "docs/FINETUNING.md)"
+        )
     model = relabel_for_data(
         model, num_classes, id2label, args.label_init, args.label_map, old_id2label, args.seed, source
     )
@@ -438,13 +446,6 @@ def main(args: argparse.Namespace) -> None:
     num_trained = sum(p.numel() for p in trainable_parameters(model))
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"--trainable {args.trainable}: {num_trained:,} of {num_params:,} parameters trained")
-    if args.label_init is not None:  # how far the new rows can move: Adam changes a coordinate by ≲ LR per step
-        row_std = torch.stack([t.embedding_table.weight[:-1].std() for t in label_tables(model)]).mean()
-        label_lr = args.label_learning_rate or args.learning_rate
-        logger.info(
-            f"New label tables: the class rows' coordinates have std {row_std:.3g}; at LR {label_lr:g} Adam moves "
-            f"each by at most ~{label_lr:g} per step (--label_learning_rate sets the tables' LR; docs/FINETUNING.md)"
-        )
     learn_sigma = model.config.out_channels == 2 * model.config.in_channels
     null_class = model.config.num_embeds_ada_norm  # the null row of the label table: id = class count
     if args.gradient_checkpointing:

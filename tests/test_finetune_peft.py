@@ -1,6 +1,7 @@
 """Fine-tuning: new label sets, DiffFit and LoRA (`sadm/finetune.py`, `--label_init` / `--trainable` of train_sadm.py)."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -245,8 +246,11 @@ def test_difffit_run_exports_folded_scales(tmp_path, base):
     key = "transformer_blocks.0.attn1.to_q.weight"  # frozen and not a branch output: unchanged
     assert torch.equal(exported[key], base_weights[key])
     assert "--trainable difffit" in (out / "README.md").read_text()
-    # rows 7, mean, 1 of N(0, 1) tables: std ≈ 0.82; at DiffFit's LR 1e-3
-    assert "class rows' coordinates have std 0.8" in result.stderr and "at LR 0.001 Adam moves" in result.stderr
+    # the pretrained rows are N(0, 1): spread ≈ 1; at DiffFit's LR 1e-3 ~1000 steps
+    assert re.search(
+        r"class rows differ by 0\.9\d+ per coordinate \(std\); at LR 0\.001 the new rows need ~\d{3,4} steps",
+        result.stderr,
+    )
 
 
 def test_unconditional_fine_tuning_of_a_class_conditional_export(tmp_path, base):
