@@ -175,8 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full: every weight; difffit: biases, norms, label tables and per-block scales γ (DiffFit); "
                    "lora: peft LoRA adapters + label tables. Exports are merged into a plain DiT.")  # fmt: skip
     f.add_argument("--label_learning_rate", type=float, default=None,
-                   help="LR of the label tables alone (default: --learning_rate). A new label set learns its classes "
-                   "faster with a larger one while the pretrained weights keep theirs (docs/FINETUNING.md).")  # fmt: skip
+                   help="LR of the label tables alone. Default with --label_init: the pretrained class rows' spread / "
+                   "100, so that Adam can move the new rows as far apart in ~100 steps (at the weights' LR new classes "
+                   "were not learned in 400 steps: docs/FINETUNING.md); otherwise --learning_rate.")  # fmt: skip
     f.add_argument("--lora_rank", type=int, default=8, help="LoRA rank r.")
     f.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (scale α/r); default: the rank.")
     f.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGETS),
@@ -310,6 +311,9 @@ STRUCTURE_FLAGS = {
     "r1_gamma": "disc_r1_gamma",
 }
 GAN_FLAGS = {"weight": "gan_loss_weight"}
+# default LR of a new label table: the pretrained rows' spread / 100 (docs/FINETUNING.md: at the weights' LR the new
+# classes were not learned in 400 steps; at spread / 100 they were, for full and LoRA tuning, 3 and 1 seeds)
+LABEL_SPREAD_STEPS = 100
 
 
 def build_model(
@@ -345,11 +349,13 @@ def build_model(
     old_id2label = pretrained_id2label(args.pretrained_model_name_or_path)
     if args.label_init is not None and model.config.num_embeds_ada_norm > 1:
         # Adam moves a coordinate by ≲ LR per step: new rows need ~spread / LR steps to lie as far apart as the old ones
-        spread, label_lr = label_spread(model), args.label_learning_rate or args.learning_rate
+        spread = label_spread(model)
+        if args.label_learning_rate is None:
+            args.label_learning_rate = spread / LABEL_SPREAD_STEPS
         logger.info(
-            f"New label tables: the pretrained class rows differ by {spread:.3g} per coordinate (std); at LR "
-            f"{label_lr:g} the new rows need ~{spread / label_lr:.0f} steps to spread as far (--label_learning_rate; "
-            "docs/FINETUNING.md)"
+            f"New label tables at LR {args.label_learning_rate:.3g}: the pretrained class rows differ by {spread:.3g} "
+            f"per coordinate (std), ~{spread / args.label_learning_rate:.0f} steps for the new rows to spread as far "
+            "(--label_learning_rate; docs/FINETUNING.md)"
         )
     model = relabel_for_data(
         model, num_classes, id2label, args.label_init, args.label_map, old_id2label, args.seed, source
