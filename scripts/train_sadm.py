@@ -351,8 +351,8 @@ def build_model(
     if args.label_init is not None and model.config.num_embeds_ada_norm > 1:
         # Adam moves a coordinate by ≲ LR per step: new rows need ~spread / LR steps to lie as far apart as the old ones
         spread = label_spread(model)
-        if args.label_learning_rate is None:
-            args.label_learning_rate = spread / LABEL_SPREAD_STEPS
+        if args.label_learning_rate is None:  # identical rows (spread 0) give no scale: the weights' LR then
+            args.label_learning_rate = spread / LABEL_SPREAD_STEPS if spread > 0 else args.learning_rate
         logger.info(
             f"New label tables at LR {args.label_learning_rate:.3g}: the pretrained class rows differ by {spread:.3g} "
             f"per coordinate (std), ~{spread / args.label_learning_rate:.0f} steps for the new rows to spread as far "
