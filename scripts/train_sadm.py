@@ -313,7 +313,7 @@ STRUCTURE_FLAGS = {
 }
 GAN_FLAGS = {"weight": "gan_loss_weight"}
 # default LR of a new label table: the pretrained rows' spread / 100 (docs/FINETUNING.md: at the weights' LR the new
-# classes were not learned in 400 steps; at ~spread / 100 they were: full (3 seeds), LoRA and DiffFit (1 seed each))
+# classes were not learned in 400 steps; at spread / 100 they were, in full, LoRA and DiffFit tuning, 3 seeds each)
 LABEL_SPREAD_STEPS = 100
 
 
