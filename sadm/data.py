@@ -249,9 +249,9 @@ def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | 
         return None, f"{type(error).__name__}: {error}"
 
 
-def scan_images(paths: list[Path], on_bad_image: str = "error") -> tuple[list[int], dict[int, tuple[int, int]]]:
-    """Decode every image once, before training starts, so a bad file is named up front; returns the readable indices
-    and their `(width, height)` (so no later check has to open the files again).
+def scan_images(paths: list[Path], on_bad_image: str = "error") -> dict[int, tuple[int, int]]:
+    """Decode every image once, before training starts, so a bad file is named up front; returns `{index: (width,
+    height)}` of the readable images, in order (so no later check has to open the files again).
 
     Args:
         paths (`list[Path]`): the image files.
@@ -275,12 +275,7 @@ def scan_images(paths: list[Path], on_bad_image: str = "error") -> tuple[list[in
         )
     if not sizes:
         raise ValueError(f"None of the {len(paths)} images can be read (first: {bad[0]}).")
-    return list(sizes), sizes
-
-
-def check_images_readable(paths: list[Path], on_bad_image: str = "error") -> list[int]:
-    """The indices of the readable images of `paths` ([`scan_images`] without the sizes)."""
-    return scan_images(paths, on_bad_image)[0]
+    return sizes
 
 
 def image_channels(image: Image.Image) -> int:
@@ -542,10 +537,10 @@ def load_train_dataset(
         if max_train_samples is not None:
             files = files[:max_train_samples]
             labels = labels[:max_train_samples] if labels is not None else None
-        readable, sizes = scan_images(files, on_bad_image)  # one decoding pass: readability and sizes
+        readable = scan_images(files, on_bad_image)  # one decoding pass: {index: size} of the readable files
         files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
         labels = [labels[i] for i in readable] if labels is not None else None
-        sizes = [sizes[i] for i in readable]
+        sizes = list(readable.values())
 
         def load_image(index: int) -> Image.Image:
             return _open(files[index])

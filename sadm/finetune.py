@@ -42,6 +42,11 @@ def label_tables(model: DiTTransformer2DModel) -> list[LabelEmbedding]:
     return [m for m in model.modules() if isinstance(m, LabelEmbedding)]
 
 
+def is_label_table_parameter(name: str) -> bool:
+    """Whether a parameter name is one of the label tables (`...norm1.emb.class_embedder.embedding_table.weight`)."""
+    return "class_embedder" in name
+
+
 def label_spread(model: DiTTransformer2DModel) -> float:
     """How far apart the class rows are: the std over class rows per coordinate, averaged over coordinates and blocks."""
     return torch.stack([t.embedding_table.weight[:-1].std(0).mean() for t in label_tables(model)]).mean().item()
@@ -186,7 +191,7 @@ def add_difffit_scales(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
 
 def is_difffit_parameter(name: str, param: torch.nn.Parameter, model: torch.nn.Module) -> bool:
     """DiffFit's trainable set: biases, γ, norm affine parameters, label tables."""
-    if name.endswith(".bias") or name.endswith(DIFFFIT_GAMMA) or "class_embedder" in name:
+    if name.endswith(".bias") or name.endswith(DIFFFIT_GAMMA) or is_label_table_parameter(name):
         return True
     module = model.get_submodule(name.rsplit(".", 1)[0])
     return isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
@@ -229,7 +234,7 @@ def setup_trainable(
         return model
     add_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank, lora_target_modules)
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name or "class_embedder" in name)
+        param.requires_grad_("lora_" in name or is_label_table_parameter(name))
     return model
 
 
@@ -245,19 +250,14 @@ def optimizer_param_groups(model: torch.nn.Module, label_learning_rate: float | 
     A separate, larger LR for the tables alone (a few thousand parameters) lets the classes separate without
     raising the LR of the pretrained weights.
     """
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if label_learning_rate is None:
-        return [{"params": [p for _, p in params]}]
+        return [{"params": trainable_parameters(model)}]
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for name, p in params if "class_embedder" not in name]},
-        {"params": [p for name, p in params if "class_embedder" in name], "lr": label_learning_rate},
+        {"params": [p for name, p in params if not is_label_table_parameter(name)]},
+        {"params": [p for name, p in params if is_label_table_parameter(name)], "lr": label_learning_rate},
     ]
     return [group for group in groups if group["params"]]
-
-
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a parameter-efficient checkpoint holds: the trained parameters only, by name."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def is_plain_dit(model: torch.nn.Module) -> bool:

@@ -450,7 +450,8 @@ def main(args: argparse.Namespace) -> None:
     # ---- models, optimizer, EMA
     model = build_model(args, dataset.num_channels, num_classes, id2label, vae, vae_source)
     model = setup_trainable(model, args.trainable, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    num_trained = sum(p.numel() for p in trainable_parameters(model))
+    trained_params = trainable_parameters(model)  # the same tensors after prepare/compile: EMA, swaps and export
+    num_trained = sum(p.numel() for p in trained_params)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"--trainable {args.trainable}: {num_trained:,} of {num_params:,} parameters trained")
     learn_sigma = model.config.out_channels == 2 * model.config.in_channels
@@ -479,7 +480,7 @@ def main(args: argparse.Namespace) -> None:
             {"model_cls": DiTTransformer2DModel, "model_config": model.config} if args.trainable == "full" else {}
         )
         ema = EMAModel(
-            trainable_parameters(model),
+            trained_params,
             decay=args.ema_max_decay,
             use_ema_warmup=True,
             inv_gamma=args.ema_inv_gamma,
@@ -594,8 +595,8 @@ def main(args: argparse.Namespace) -> None:
     def run_validation(step: int) -> None:
         unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
-            ema.store(trainable_parameters(unwrapped))
-            ema.copy_to(trainable_parameters(unwrapped))
+            ema.store(trained_params)
+            ema.copy_to(trained_params)
         unwrapped.eval()
         pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
         pipeline.set_progress_bar_config(disable=True)
@@ -609,7 +610,7 @@ def main(args: argparse.Namespace) -> None:
         ).images
         unwrapped.train()
         if ema is not None:
-            ema.restore(trainable_parameters(unwrapped))
+            ema.restore(trained_params)
         log_images(accelerator, "validation", images, step)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
@@ -621,8 +622,8 @@ def main(args: argparse.Namespace) -> None:
         unwrapped = accelerator.unwrap_model(model)
         with preserve_rng_state(accelerator):
             if ema is not None:
-                ema.store(trainable_parameters(unwrapped))
-                ema.copy_to(trainable_parameters(unwrapped))
+                ema.store(trained_params)
+                ema.copy_to(trained_params)
             unwrapped.eval()
             pipeline = make_pipeline(unwrapped, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)
             results, is_best = evaluator.evaluate(pipeline, step)
@@ -637,7 +638,7 @@ def main(args: argparse.Namespace) -> None:
                 atomic_save_pretrained(evaluator.best_dir, write)
             unwrapped.train()
             if ema is not None:
-                ema.restore(trainable_parameters(unwrapped))
+                ema.restore(trained_params)
         logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
         accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
         accelerator.wait_for_everyone()
@@ -781,7 +782,7 @@ def main(args: argparse.Namespace) -> None:
 
             if accelerator.sync_gradients:
                 if ema is not None:
-                    ema.step(trainable_parameters(model))
+                    ema.step(trained_params)
                 global_step += 1
                 progress.update(1)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
@@ -833,7 +834,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
         if ema is not None:
-            ema.copy_to(trainable_parameters(transformer))
+            ema.copy_to(trained_params)
         transformer = merged_dit(transformer)  # DiffFit γ folded, LoRA merged: a plain DiTTransformer2DModel
         assert_finite_parameters({"transformer": transformer})
         pipeline = make_pipeline(transformer, DDPMScheduler.from_config(noise_scheduler.config), id2label, vae)

@@ -12,13 +12,17 @@ from PIL import Image
 
 from sadm.data import (
     add_data_args,
-    check_images_readable,
     collate_fn,
     digits_image_folder,
     load_train_dataset,
     load_train_dataset_from_args,
+    scan_images,
 )
 from sadm.training import make_dataloader
+
+
+def readable_indices(paths, on_bad_image="error"):
+    return list(scan_images(paths, on_bad_image))
 
 
 def truncate(path, fraction=0.6):
@@ -67,23 +71,23 @@ def test_truncated_files_are_detected(tmp_path, suffix):
     cut = noisy_image(tmp_path / f"cut{suffix}", seed=1)
     truncate(cut, 0.9)
     with pytest.warns(UserWarning, match=f"cut{suffix}"):
-        assert check_images_readable([good, cut], on_bad_image="skip") == [0]
+        assert readable_indices([good, cut], on_bad_image="skip") == [0]
     with pytest.raises(ValueError, match=f"cut{suffix}"):
-        check_images_readable([good, cut])
+        readable_indices([good, cut])
 
 
 def test_png_without_its_end_chunk_is_detected(tmp_path):
     path = noisy_image(tmp_path / "noend.png")
     path.write_bytes(path.read_bytes()[:-12])  # drop the IEND chunk: load() alone accepts this file
     with pytest.raises(ValueError, match="noend.png"):
-        check_images_readable([path])
+        readable_indices([path])
 
 
 def test_readability_check_is_fast_on_the_digits_default(sadm_cache):
     files = sorted(digits_image_folder(sadm_cache).rglob("*.png"))
     assert len(files) == 1797
     start = time.perf_counter()
-    assert len(check_images_readable(files)) == 1797
+    assert len(readable_indices(files)) == 1797
     assert time.perf_counter() - start < 1.0  # measured ~0.1 s on a shared 2-core machine
 
 
