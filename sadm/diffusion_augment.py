@@ -11,7 +11,8 @@ logits. Everything below reproduces the official code (`diffusion-stylegan2/trai
   ᾱ is prefixed with 1 so that t = 0 means "no noise";
 - T = clip(T_min + round(p·(T_max − T_min)), T_min, T_max), with Python's `round` (half to even), as the official code;
 - every `ada_interval` discriminator steps: p ← clip(p + sign(r_d − target)·(batch·ada_interval)/(ada_kimg·1000), 0, 1),
-  with r_d the mean sign of the real logits since the last adjustment; then T and the t-table are rebuilt;
+  with r_d the mean sign of the real logits since the last adjustment; then T and the t-table are rebuilt (the
+  table is re-drawn at every adjustment, also when T does not change or p is frozen);
 - the t-table: round(clean_fraction·table_size) zero slots, the rest drawn with replacement from π over 1..T
   (`priority`: π_k ∝ k − 1, so t = 1 is never drawn; `uniform`: π_k = 1/T); a sample's t is a uniform pick from it.
 """
@@ -167,8 +168,8 @@ class AdaptiveDiffusion(torch.nn.Module):
         t_table (`str`, defaults to `"stylegan2"`): how the table is filled. `stylegan2` (official StyleGAN2 and InsGen
             code): round(clean_fraction·size) zeros. `projected_gan` (official ProjectedGAN code): min(round(p·size),
             round(0.75·size)) slots drawn from π and the rest zeros, so the noised share grows with p (none at p = 0).
-        adaptive (`bool`, defaults to `True`): False freezes p (and T, and the table) for ablations; `update` then only
-            records r_d.
+        adaptive (`bool`, defaults to `True`): False freezes p (and so T) for ablations; `update` then records r_d
+            and, every `ada_interval` calls, re-draws the t-table over the same T (as the official code).
         initial_p (`float`, *optional*): p at start; defaults to 0 when adaptive (the official code) and to 1 (T = t_max)
             when not.
         seed (`int`, defaults to 0): seeds the generator that fills the t-table, so the whole state is reproducible.
@@ -292,7 +293,9 @@ class AdaptiveDiffusion(torch.nn.Module):
         """Record one discriminator step's real logits (the global batch); every `ada_interval` calls adjust p and T.
 
         p ← clip(p + sign(r_d − target)·N/(ada_kimg·1000), 0, 1), where N is the number of logits recorded since the
-        last adjustment (= batch·ada_interval for a constant batch) and r_d their mean sign.
+        last adjustment (= batch·ada_interval for a constant batch) and r_d their mean sign. Every adjustment then
+        re-draws the t-table from the table RNG, also when T is unchanged and when p is frozen (`adaptive=False`), as
+        the official code calls `update_T` at every ada_interval.
         """
         signs = torch.sign(real_logits.detach().float()).flatten()
         self.sign_sum = self.sign_sum + signs.sum()  # a tensor on the logits' device: no host sync between adjustments
@@ -304,7 +307,7 @@ class AdaptiveDiffusion(torch.nn.Module):
         if self.adaptive:
             adjust = math.copysign(1.0, self.r_d - self.target) if self.r_d != self.target else 0.0
             self.p = min(max(self.p + adjust * self.sign_count / (self.ada_kimg * 1000), 0.0), 1.0)
-            self.update_T()
+        self.update_T()  # T from p (fixed when not adaptive; ᾱ is only recomputed when T changes), table re-drawn
         self.sign_sum, self.sign_count = 0.0, 0
 
     def sample_timesteps(

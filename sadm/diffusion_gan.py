@@ -6,6 +6,10 @@ discriminator. The two functions below are used by both training scripts (DiT + 
     generator:      L_G = softplus(−D(y_g, t))                               (or −D for hinge)
     discriminator:  L_D = softplus(D(y_g, t)) + softplus(−D(y, t)) [+ lazy R1 every r1_interval steps]
 
+R1 is taken w.r.t. the *clean* real x through the noising y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε, as the official code does:
+‖∇_x D(y(x), t)‖² = ᾱ_t·‖∇_y D(y, t)‖² per sample (the projected trunk noises its features inside D: w.r.t. the clean
+pixels as well).
+
 The caller freezes D for the generator step (`requires_grad_(False)`), detaches x_g for the discriminator step,
 gathers the real logits of each discriminator step across processes and calls `diffusion.update(real_logits)`.
 """
@@ -83,7 +87,10 @@ class DiffusionGANConfig:
     )
     r1_gamma: float | None = field(
         default=None,
-        metadata={"help": "R1 weight γ; the penalty is γ/2·‖∇_y D(y)‖² on noised reals, 0 disables (None: preset)."},
+        metadata={
+            "help": "R1 weight γ; the penalty is γ/2·‖∇_x D(y(x), t)‖², the gradient w.r.t. the clean reals x through "
+            "the noising (= γ/2·ᾱ_t·‖∇_y D‖², as the official code), 0 disables (None: preset)."
+        },
     )
     r1_interval: int = field(
         default=16,
@@ -95,8 +102,9 @@ class DiffusionGANConfig:
     mode: str = field(
         default="adaptive",
         metadata={
-            "help": "adaptive: T follows the discriminator (the paper); fixed: T = t_max and p frozen (ablation); "
-            "none: no diffusion, y = x and t = 0 (plain GAN ablation)."
+            "help": "adaptive: T follows the discriminator (the paper); fixed: T = t_max and p frozen, the t-table "
+            "still re-drawn every ada_interval D steps (ablation); none: no diffusion, y = x and t = 0 (plain GAN "
+            "ablation)."
         },
     )
     class_conditional_disc: bool = field(
@@ -146,9 +154,17 @@ class DiffusionGANConfig:
             raise ValueError(f"mode '{self.mode}' is not one of {', '.join(MODES)}.")
 
 
+def max_p_change(batch: int, d_steps: int, ada_kimg: float) -> float:
+    """The most p can move in a run: batch·d_steps/(ada_kimg·1000) (each adjustment moves it by the number of real
+    logits since the last one over ada_kimg·1000), with `batch` the global batch of real logits per D step."""
+    if ada_kimg <= 0:
+        raise ValueError(f"ada_kimg={ada_kimg} must be > 0.")
+    return batch * d_steps / (ada_kimg * 1000)
+
+
 def build_adaptive_diffusion(config: DiffusionGANConfig, seed: int = 0) -> AdaptiveDiffusion:
-    """The adaptive diffusion of `config`: `fixed` mode freezes p = 1 (T = t_max); `none` is never called on data
-    (the loss functions skip it) but still records r_d for logging."""
+    """The adaptive diffusion of `config`: `fixed` mode freezes p = 1 (T = t_max) and still re-draws the t-table at
+    every adjustment; `none` is never called on data (the loss functions skip it) but still records r_d for logging."""
     return AdaptiveDiffusion(
         beta_schedule=config.beta_schedule,
         beta_start=config.beta_start,
@@ -175,24 +191,26 @@ def _run_discriminator(
     generator: torch.Generator | list[torch.Generator] | None,
     requires_grad_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Diffuse x and score it: returns `(logits [B], y, t [B])`.
+    """Diffuse x and score it: returns `(logits [B], x, t [B])`.
 
     Pixel trunks see y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε and t; the projected trunk sees clean pixels and noises its own
     feature maps per (sample, channel) (Diffusion-ProjectedGAN). Mode `none`: y = x, t = 0, no feature noise.
+    With `requires_grad_input` the returned x is a detached copy that requires grad and the noising runs inside the
+    graph, so a gradient w.r.t. it is the official code's R1 input: ∇_x D = √ᾱ_t·∇_y D.
     """
+    if requires_grad_input:
+        x = x.detach().requires_grad_(True)
     projected = extract_model_from_parallel(discriminator).config.trunk == "projected"
     if config.mode == "none" or projected:
         y, t = x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     else:
         y, t = diffusion(x, generator=generator)
-    if requires_grad_input:
-        y = y.detach().requires_grad_(True)
     labels = class_labels if config.class_conditional_disc else None
     feature_diffusion = diffusion if projected and config.mode != "none" else None
     logits = discriminator(
         y, timesteps=t, class_labels=labels, feature_diffusion=feature_diffusion, generator=generator
     ).logits
-    return logits, y, t
+    return logits, x, t
 
 
 # Diffusion-GAN generator objective: the GAN value on diffused samples (eq. 2), gradients through y_g to x_g.
@@ -238,8 +256,9 @@ def diffusion_gan_discriminator_loss(
     """Discriminator loss `[B]`, its statistics and the real logits (for `diffusion.update` after gathering).
 
     On D steps with `d_step % r1_interval == 0` (and r1_gamma > 0) the loss includes
-    γ/2·‖∇_y D(y_real, t)‖²·r1_interval, the R1 penalty w.r.t. the *noised* real inputs (for the projected trunk,
-    w.r.t. the clean pixels), scaled by the interval as StyleGAN2's lazy regularisation.
+    γ/2·‖∇_x D(y(x_real), t)‖²·r1_interval, the R1 penalty w.r.t. the *clean* real inputs through the noising
+    (= γ/2·ᾱ_t·‖∇_y D(y_real, t)‖² per sample, as the official code; for the projected trunk, whose feature noise is
+    inside D, w.r.t. the clean pixels too), scaled by the interval as StyleGAN2's lazy regularisation.
 
     Args:
         discriminator (`torch.nn.Module`): a [`TimestepDiscriminator`] (possibly wrapped), trainable.
@@ -254,11 +273,11 @@ def diffusion_gan_discriminator_loss(
 
     Returns:
         `(loss [B], stats, real_logits [B] detached)`; stats `d_loss`, `d_real_acc` (share of real logits > 0),
-        `d_fake_acc` (share of fake logits < 0), `d_real_logit_mean`, `d_fake_logit_mean`, `r1` (NaN on steps without
-        R1), all detached 0-d tensors.
+        `d_fake_acc` (share of fake logits < 0), `d_real_logit_mean`, `d_fake_logit_mean`, `r1` (the mean
+        ‖∇_x D‖², without γ/2 and the interval; NaN on steps without R1), all detached 0-d tensors.
     """
     do_r1 = config.r1_gamma > 0 and d_step % config.r1_interval == 0
-    real_logits, y_real, _ = _run_discriminator(
+    real_logits, x_real_input, _ = _run_discriminator(
         discriminator, diffusion, x_real.detach(), class_labels, config, generator, requires_grad_input=do_r1
     )
     fake_logits, _, _ = _run_discriminator(
@@ -267,7 +286,7 @@ def diffusion_gan_discriminator_loss(
     loss = gan_discriminator_loss(real_logits, fake_logits, config.loss_type)
     r1 = None
     if do_r1:
-        r1 = r1_penalty(real_logits, y_real)
+        r1 = r1_penalty(real_logits, x_real_input)  # w.r.t. the clean reals, through the noising
         loss = loss + r1 * (config.r1_gamma / 2) * config.r1_interval
     real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
     stats = {  # detached 0-d tensors on the logits' device: no host sync until the caller logs them

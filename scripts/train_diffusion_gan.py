@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import torch
 from accelerate.logging import get_logger
@@ -43,6 +44,7 @@ from sadm.diffusion_gan import (
     build_adaptive_diffusion,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
+    max_p_change,
 )
 from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
 from sadm.models.generator import GANGenerator
@@ -75,6 +77,12 @@ logger = get_logger(__name__)
 ADAPTIVE_STATE_NAME = "adaptive_diffusion.pt"
 T_HISTORY_NAME = "T_history.json"
 # logged every step and shown in the progress bar
+# --diffusion_gan_<field> for every DiffusionGANConfig field but these (`weight` is the DiT trainer's λ_adv)
+DIFFUSION_GAN_PREFIX = "diffusion_gan_"
+DIFFUSION_GAN_RENAME = {"mode": "diffusion"}
+DIFFUSION_GAN_SKIP = ("weight",)
+# warn when the whole run cannot move p by more than this (the diffusion would stay near T_min throughout)
+MIN_P_CHANGE = 0.1
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
 
 
@@ -119,7 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--disc_adam_beta2", type=float, default=0.99, help="Discriminator Adam β2 (StyleGAN2: 0.99).")
     # --diffusion adaptive|fixed|none (the config's `mode`) and --diffusion_gan_<field> for every other field;
     # `weight` is the DiT trainer's λ_adv and has no meaning here
-    add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",))
+    add_dataclass_args(
+        parser, DiffusionGANConfig, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
+    )
     v = parser.add_argument_group("validation")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
@@ -140,11 +150,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_optimizer_args(args, parser)
     try:
         args.diffusion_gan = dataclass_from_args(
-            DiffusionGANConfig, args, "diffusion_gan_", rename={"mode": "diffusion"}, skip=("weight",)
+            DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
         )
     except ValueError as error:
-        parser.error(f"Diffusion-GAN flags (--diffusion_gan_* / --diffusion): {error}")
+        parser.error(diffusion_gan_flag_error(error))
     return args
+
+
+def diffusion_gan_flag_error(error: ValueError) -> str:
+    """A `DiffusionGANConfig` error prefixed with the flag(s) of the field(s) it names, in the order they appear
+    (`--diffusion_gan_ada_kimg: ada_kimg=0.0 must be > 0.`)."""
+    message = str(error)
+    named = []
+    for f in dataclasses.fields(DiffusionGANConfig):
+        match = re.search(rf"(?<![\w-]){re.escape(f.name)}\b", message)
+        if match and f.name not in DIFFUSION_GAN_SKIP:
+            named.append((match.start(), "--" + DIFFUSION_GAN_RENAME.get(f.name, DIFFUSION_GAN_PREFIX + f.name)))
+    if not named:
+        return f"Diffusion-GAN flags (--diffusion_gan_* / --diffusion): {message}"
+    return f"{' / '.join(flag for _, flag in sorted(named))}: {message}"
+
+
+def p_budget_warning(config: DiffusionGANConfig, total_batch: int, max_train_steps: int) -> str | None:
+    """A warning when the run is too short for p to move by more than `MIN_P_CHANGE` (None otherwise, or when p does
+    not adapt): at most total_batch·D steps/(ada_kimg·1000), with max_train_steps·disc_update_ratio D steps."""
+    if config.mode != "adaptive":
+        return None
+    d_steps = max_train_steps * config.disc_update_ratio
+    change = max_p_change(total_batch, d_steps, config.ada_kimg)
+    if change > MIN_P_CHANGE:
+        return None
+    largest_T = config.t_min + round(min(change, 1.0) * (config.t_max - config.t_min))
+    return (
+        f"--max_train_steps {max_train_steps} x {config.disc_update_ratio} D step(s) x batch {total_batch} with "
+        f"--diffusion_gan_ada_kimg {config.ada_kimg:g}: p can move by at most {change:.3g} (<= {MIN_P_CHANGE}) in this "
+        f"run, so T stays <= {largest_T} (T_min {config.t_min}, T_max {config.t_max}) and the adaptive diffusion can "
+        "barely act. Raise --max_train_steps or lower --diffusion_gan_ada_kimg "
+        "(max p change = batch·D steps/(ada_kimg·1000))."
+    )
 
 
 def build_discriminator(
@@ -222,7 +265,8 @@ def generator_phase_loss(
 def discriminator_phase_loss(
     generator, discriminator, diffusion: AdaptiveDiffusion, x_real, z, labels, config: DiffusionGANConfig, d_step: int
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """L_D on diffused reals and diffused detached fakes G(z) (+ lazy R1), `[B]`, its statistics and the real logits."""
+    """L_D on diffused reals and diffused detached fakes G(z) (+ lazy R1, taken w.r.t. the clean reals through the
+    noising, as the official code), `[B]`, its statistics and the real logits."""
     with torch.no_grad():  # fakes are detached for D
         x_fake = generator(z, class_labels=labels).sample  # [B, C, H, W]
     return diffusion_gan_discriminator_loss(discriminator, diffusion, x_real, x_fake, labels, config, d_step)
@@ -364,6 +408,9 @@ def main(args: argparse.Namespace) -> None:
         f"Generator steps {args.max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
         f"epochs {num_epochs}, starting at step {global_step}"
     )
+    budget_warning = p_budget_warning(config, total_batch, args.max_train_steps)
+    if budget_warning is not None:
+        logger.warning(budget_warning)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )

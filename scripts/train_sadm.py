@@ -71,9 +71,11 @@ from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
 from sadm.structure import (
     StructureConfig,
+    adaptive_structure_weight,
     all_gather_with_grad,
     structure_denoiser_loss,
     structure_discriminator_loss,
+    structure_inputs,
     structure_weight_at,
 )
 from sadm.training import (
@@ -302,6 +304,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--structure_loss_weight > 0 needs --train_batch_size >= 2 (relations need pairs) or --structure_scope global."
         )
+    if args.structure.weight > 0:
+        try:
+            args.structure.check_schedule(args.num_train_timesteps)
+        except ValueError as error:
+            parser.error(f"--structure_*: {error}")
+        min_active = args.structure.min_active
+        if args.structure.uses_active_subbatch and args.structure.scope == "local" and args.train_batch_size < min_active:
+            parser.error(
+                f"--train_batch_size {args.train_batch_size} is smaller than --structure_min_active {min_active}: the "
+                "active sub-batch of --structure_formulation mmd / --structure_columns active could never be large "
+                "enough. Raise the batch size, lower --structure_min_active, or use --structure_scope global."
+            )
+
     return args
 
 
@@ -365,7 +380,7 @@ def build_model(
 
 
 def build_structure_discriminator(
-    args, in_channels: int, sample_size: int, num_classes: int
+    args, in_channels: int, sample_size: int, num_classes: int, num_timesteps: int | None = None
 ) -> StructureDiscriminator:
     if args.disc_pretrained_path is not None:
         disc = StructureDiscriminator.from_pretrained(args.disc_pretrained_path)
@@ -373,6 +388,12 @@ def build_structure_discriminator(
             raise ValueError(
                 f"--disc_pretrained_path {args.disc_pretrained_path} takes {disc.config.in_channels}x{disc.config.sample_size}px "
                 f"inputs but the denoiser's samples are {in_channels}x{sample_size}px."
+            )
+        if disc.config.num_timesteps != num_timesteps:
+            raise ValueError(
+                f"--disc_pretrained_path {args.disc_pretrained_path} has num_timesteps={disc.config.num_timesteps}, but "
+                f"these structure options need {num_timesteps} (a noise-conditional encoder exactly for "
+                "--structure_formulation mmd or --structure_renoise_offset)."
             )
         return disc
     transformers_config = None
@@ -391,6 +412,7 @@ def build_structure_discriminator(
         timm_pretrained_path=args.disc_timm_pretrained_path,
         transformers_config=transformers_config,
         freeze_backbone=args.disc_freeze_backbone,
+        num_timesteps=num_timesteps,
     )
 
 
@@ -435,6 +457,11 @@ def main(args: argparse.Namespace) -> None:
     vae, vae_source = load_vae(args.vae_name_or_path, args.pretrained_model_name_or_path, components)
     if vae is None and args.cache_latents:
         raise ValueError("--cache_latents needs a VAE: --vae_name_or_path, or a pretrained pipeline with a vae/.")
+    if vae is not None and args.disc_input == "pixel" and args.structure.weight > 0 and args.structure.noise_conditional:
+        raise ValueError(
+            "--structure_formulation mmd and --structure_renoise_offset diffuse the samples in the denoiser's (latent) "
+            "space: use --disc_input latent with a VAE."
+        )
     if args.x0_clip is None:  # pixels lie in [-1, 1]; latents have no fixed range
         args.x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
 
@@ -512,7 +539,8 @@ def main(args: argparse.Namespace) -> None:
         disc_channels, disc_size = dataset.num_channels, args.resolution
     struct_disc = struct_opt = gan_disc = gan_opt = diffusion = None
     if use_structure:
-        struct_disc = build_structure_discriminator(args, disc_channels, disc_size, num_classes)
+        num_timesteps = args.num_train_timesteps if struct_cfg.noise_conditional else None
+        struct_disc = build_structure_discriminator(args, disc_channels, disc_size, num_classes, num_timesteps)
         struct_opt = make_disc_optimizer(args, struct_disc)
     if use_gan:
         gan_disc = TimestepDiscriminator(
@@ -668,12 +696,13 @@ def main(args: argparse.Namespace) -> None:
                 x0 = sample_latents(moments, vae.config.scaling_factor)  # [B, c, h, w]
             bsz = x0.shape[0]
             labels = batch["class_labels"]
-            # --per_sample_noise streams: 0 dropout, t, noise; 1 the denoiser's GAN term; 2 the GAN discriminator
-            sample_rngs = gan_g_rngs = gan_d_rngs = None  # None: the global RNG
+            # --per_sample_noise streams: 0 dropout, t, noise; 1 the denoiser's GAN term; 2 the GAN discriminator;
+            # 3 the structure term's reverse-step and re-noising noise
+            sample_rngs = gan_g_rngs = gan_d_rngs = struct_rngs = None  # None: the global RNG
             if args.per_sample_noise:
                 keys = batch["sample_keys"]
-                sample_rngs, gan_g_rngs, gan_d_rngs = (
-                    sample_generators(args.seed, keys, i, x0.device) for i in range(3)
+                sample_rngs, gan_g_rngs, gan_d_rngs, struct_rngs = (
+                    sample_generators(args.seed, keys, i, x0.device) for i in range(4)
                 )
             if labels is not None:
                 # classifier-free guidance: drop the label once per sample (all blocks see the null class)
@@ -712,11 +741,16 @@ def main(args: argparse.Namespace) -> None:
                         disc_fake = disc_fake.clamp(-args.x0_clip, args.x0_clip)
                 if use_structure:
                     frozen = accelerator.unwrap_model(struct_disc).requires_grad_(False)  # no DDP hooks in this step
+                    struct_in = structure_inputs(
+                        disc_real, disc_fake, timesteps, alphas_cumprod, struct_cfg, x_t, struct_rngs
+                    )  # what E_φ compares, built once for both steps
                     loss_struct, s_stats = structure_denoiser_loss(
-                        frozen, disc_real, disc_fake, timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
-                        accelerator.process_index,
-                    )  # fmt: skip
+                        frozen, struct_in, struct_cfg, struct_labels, gather, accelerator.process_index
+                    )
                     lam = structure_weight_at(global_step, struct_cfg)
+                    if struct_cfg.grad_ratio is not None:  # λ from the gradient norms at the output, capped by weight
+                        lam = lam * adaptive_structure_weight(loss_dsm.mean(), loss_struct.mean(), output, struct_cfg)
+                        lam = lam / struct_cfg.weight
                     loss = loss + lam * loss_struct.mean()
                     stats.update(loss_struct=loss_struct.detach().mean(), struct_lambda=lam)
                     stats.update(
@@ -752,9 +786,8 @@ def main(args: argparse.Namespace) -> None:
                 for _ in range(struct_cfg.disc_update_ratio):
                     with contextlib.nullcontext() if sync else accelerator.no_sync(struct_disc):
                         loss_d, d_stats = structure_discriminator_loss(
-                            struct_disc, disc_real, disc_fake.detach(), timesteps, alphas_cumprod, struct_cfg, struct_labels, gather,
-                            accelerator.process_index,
-                        )  # fmt: skip
+                            struct_disc, struct_in, struct_cfg, struct_labels, gather, accelerator.process_index
+                        )
                         accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
                     if sync:
                         stats["struct_disc_grad_norm"] = optimizer_step("discriminator", struct_disc, struct_opt)

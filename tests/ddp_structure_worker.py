@@ -18,7 +18,13 @@ from accelerate import Accelerator
 from sadm.losses import predict_x0
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
-from sadm.structure import StructureConfig, all_gather_with_grad, structure_denoiser_loss, structure_discriminator_loss
+from sadm.structure import (
+    StructureConfig,
+    all_gather_with_grad,
+    structure_denoiser_loss,
+    structure_discriminator_loss,
+    structure_inputs,
+)
 
 GLOBAL_BATCH = 4
 
@@ -48,12 +54,22 @@ def main(out: str, scope: str) -> None:
 
     frozen = accelerator.unwrap_model(disc).requires_grad_(False)  # the denoiser step, as in the script
     loss_g, _ = structure_denoiser_loss(
-        frozen, x0, x0_hat, t, alphas_cumprod, config, None, gather, accelerator.process_index
+        frozen,
+        structure_inputs(x0, x0_hat, t, alphas_cumprod, config),
+        config,
+        None,
+        gather,
+        accelerator.process_index,
     )
     accelerator.backward(loss_g.mean())
     accelerator.unwrap_model(disc).requires_grad_(True)
     loss_d, _ = structure_discriminator_loss(
-        disc, x0, x0_hat.detach(), t, alphas_cumprod, config, None, gather, accelerator.process_index
+        disc,
+        structure_inputs(x0, x0_hat.detach(), t, alphas_cumprod, config),
+        config,
+        None,
+        gather,
+        accelerator.process_index,
     )
     accelerator.backward(loss_d.mean())
 

@@ -13,7 +13,7 @@ from sadm.losses import denoising_loss, predict_x0
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
-from sadm.structure import StructureConfig, structure_denoiser_loss, structure_discriminator_loss
+from sadm.structure import StructureConfig, structure_denoiser_loss, structure_discriminator_loss, structure_inputs
 
 
 def perturbed_dit():
@@ -56,7 +56,7 @@ def test_one_sadm_and_gan_step_changes_every_trainable_parameter_of_every_model(
     # denoiser step: discriminators frozen, gradients reach θ only (through x̂₀ for the adversarial terms)
     struct.requires_grad_(False)
     timestep_disc.requires_grad_(False)
-    loss_struct, _ = structure_denoiser_loss(struct, x0, x0_hat, t, a, struct_cfg)
+    loss_struct, _ = structure_denoiser_loss(struct, structure_inputs(x0, x0_hat, t, a, struct_cfg), struct_cfg)
     loss_g, _ = diffusion_gan_generator_loss(timestep_disc, diffusion, x0_hat, labels, gan_cfg)
     loss = denoising_loss(eps, noise, t, a).mean() + 0.1 * loss_struct.mean() + 0.1 * loss_g.mean()
     loss.backward()
@@ -66,7 +66,9 @@ def test_one_sadm_and_gan_step_changes_every_trainable_parameter_of_every_model(
     # discriminator steps on the detached x̂₀
     struct.requires_grad_(True)
     timestep_disc.requires_grad_(True)
-    loss_d, _ = structure_discriminator_loss(struct, x0, x0_hat.detach(), t, a, struct_cfg)
+    loss_d, _ = structure_discriminator_loss(
+        struct, structure_inputs(x0, x0_hat.detach(), t, a, struct_cfg), struct_cfg
+    )
     loss_d.mean().backward()
     opts[1].step()
     loss_gd, stats, real_logits = diffusion_gan_discriminator_loss(
@@ -86,6 +88,8 @@ def test_structure_term_is_zero_for_a_perfect_denoiser():
     x0 = torch.rand(5, 1, 8, 8) * 2 - 1
     t = torch.tensor([1, 2, 3, 4, 5])
     loss, _ = structure_denoiser_loss(
-        struct, x0, x0.clone(), t, scheduler.alphas_cumprod, StructureConfig(warmup_steps=0)
+        struct,
+        structure_inputs(x0, x0.clone(), t, scheduler.alphas_cumprod, StructureConfig(warmup_steps=0)),
+        StructureConfig(warmup_steps=0),
     )
     assert loss.abs().max() < 1e-6

@@ -16,6 +16,7 @@ from sadm.diffusion_gan import (
     build_adaptive_diffusion,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
+    max_p_change,
 )
 from sadm.losses.adversarial import gan_discriminator_loss, gan_generator_loss, r1_penalty
 from sadm.models.timestep_discriminator import TimestepDiscriminator
@@ -94,10 +95,32 @@ def test_p_is_clipped_at_zero_and_one():
 def test_fixed_diffusion_keeps_T_at_t_max():
     config = DiffusionGANConfig(mode="fixed", t_max=100)
     diffusion = build_adaptive_diffusion(config, seed=0)
-    table = diffusion.timestep_table.clone()
+    alphas_cumprod = diffusion.alphas_cumprod.clone()
     feed(diffusion, -1.0, batch=8, calls=8)
-    assert diffusion.p == 1.0 and diffusion.T == 100 and torch.equal(diffusion.timestep_table, table)
+    assert diffusion.p == 1.0 and diffusion.T == 100 and torch.equal(diffusion.alphas_cumprod, alphas_cumprod)
     assert diffusion.stats()["r_d"] == -1.0  # r_d is still recorded
+
+
+def test_fixed_diffusion_redraws_its_t_table_every_ada_interval():
+    """Official code: the 64-slot table is re-drawn at every adjustment (every ada_interval D steps), T fixed or not."""
+    config = DiffusionGANConfig(mode="fixed", t_max=100, ada_interval=4)
+    diffusion = build_adaptive_diffusion(config, seed=0)
+    tables = [diffusion.timestep_table.clone()]
+    feed(diffusion, 1.0, batch=8, calls=3)
+    assert torch.equal(diffusion.timestep_table, tables[0])  # no adjustment before the 4th call
+    for _ in range(3):
+        feed(diffusion, 1.0, batch=8, calls=4)
+        tables.append(diffusion.timestep_table.clone())
+        assert diffusion.p == 1.0 and diffusion.T == 100  # T stays at t_max
+        assert int((diffusion.timestep_table == 0).sum()) == 32 and diffusion.timestep_table.max() <= 100
+    assert all(not torch.equal(a, b) for a, b in zip(tables, tables[1:])), "the t-table was not re-drawn"
+    # exact resume: the table RNG is in the state, so a restored copy re-draws the same next table
+    restored = build_adaptive_diffusion(config, seed=123)
+    restored.load_state_dict(diffusion.state_dict())
+    for copy in (diffusion, restored):
+        feed(copy, -1.0, batch=8, calls=4)
+    assert torch.equal(restored.timestep_table, diffusion.timestep_table)
+    assert not torch.equal(diffusion.timestep_table, tables[-1])
 
 
 def test_half_of_the_draws_are_clean():
@@ -230,6 +253,31 @@ def test_bad_preset_and_config_arguments_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             DiffusionGANConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ada_kimg": 0}, r"ada_kimg=0 must be > 0"),
+        ({"ada_kimg": -5.0}, r"ada_kimg=-5.0 must be > 0"),
+        ({"target": 1.0}, r"target=1.0 must be in \(-1, 1\)"),
+        ({"target": -1.0}, r"target=-1.0 must be in \(-1, 1\)"),
+        ({"r1_interval": 0}, r"r1_interval=0 must be >= 1"),
+        ({"r1_interval": -3}, r"r1_interval=-3 must be >= 1"),
+        ({"ada_interval": 0}, r"ada_interval=0 must be >= 1"),
+    ],
+)
+def test_bad_adaptive_schedule_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionGANConfig(**kwargs)
+
+
+def test_max_p_change_is_batch_times_steps_over_ada_kimg():
+    # METHODS.md §2.3: 1500 steps x 32 with ada_kimg 100 cap p at 0.48
+    assert max_p_change(batch=32, d_steps=1500, ada_kimg=100) == pytest.approx(0.48)
+    assert max_p_change(batch=8, d_steps=100, ada_kimg=100) == pytest.approx(0.008)
+    with pytest.raises(ValueError, match="ada_kimg=0"):
+        max_p_change(batch=8, d_steps=100, ada_kimg=0)
 
 
 def test_presets_fill_the_config():
@@ -393,6 +441,58 @@ def test_lazy_r1_runs_every_r1_interval_steps_and_is_scaled():
     x = x_real.clone().requires_grad_(True)
     r1 = r1_penalty(discriminator(x, torch.zeros(3, dtype=torch.long)).logits, x)  # mode none: y = x, t = 0
     assert torch.allclose(with_r1 - without_r1, r1 * 2.0 / 2 * 4, rtol=1e-4)
+
+
+def test_r1_is_taken_wrt_the_clean_real_through_the_noising():
+    """Official code: R1 differentiates D w.r.t. the clean real x through y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε, so the penalty
+    is ᾱ_t·‖∇_y D(y, t)‖² per sample, not ‖∇_y D‖² (which is 1/ᾱ_t too strong on noised samples)."""
+    discriminator = tiny_discriminator("conv")
+    config = DiffusionGANConfig(mode="fixed", t_max=1000, r1_gamma=2.0, r1_interval=4)
+    diffusion = build_adaptive_diffusion(config, seed=0)
+    diffusion.timestep_table = torch.tensor([0, 300, 500, 500])  # fixed steps (and one clean slot)
+    x_real, x_fake = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss(d_step):
+        generators = [torch.Generator().manual_seed(i) for i in range(6)]  # one per sample: same t and ε each call
+        return diffusion_gan_discriminator_loss(
+            discriminator, diffusion, x_real, x_fake, labels, config, d_step=d_step, generator=generators
+        )
+
+    with_r1, stats, _ = loss(8)
+    without_r1, _, _ = loss(9)
+    # by hand: the same y and t (each sample's t then ε come from its own generator), the y-gradient, times ᾱ_t
+    y, t = diffusion(x_real, generator=[torch.Generator().manual_seed(i) for i in range(6)])
+    assert (t > 0).any() and (t == 0).any()
+    y = y.detach().requires_grad_(True)
+    (grad_y,) = torch.autograd.grad(discriminator(y, t, labels).logits.sum(), y)
+    alpha_bar = diffusion.alphas_cumprod[t]  # [B]
+    assert (alpha_bar[t > 0] < 0.5).all()  # the two candidates differ by far more than the tolerance
+    expected = alpha_bar * grad_y.square().flatten(1).sum(1)
+    r1 = (with_r1 - without_r1).detach() / (2.0 / 2 * 4)  # γ/2 · r1_interval
+    assert torch.allclose(r1, expected, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(stats["r1"], expected.mean(), rtol=1e-4)
+
+
+def test_projected_r1_is_taken_wrt_the_clean_input_image():
+    """The projected trunk noises its feature maps inside D: R1 is ‖∇_x D(x)‖² w.r.t. the clean pixels."""
+    discriminator = tiny_discriminator("projected")
+    config = DiffusionGANConfig(preset="projected_gan", r1_gamma=2.0, r1_interval=1)
+    diffusion = build_adaptive_diffusion(config, seed=0)
+    diffusion.p = 1.0
+    diffusion.update_T()
+    x_real, x_fake = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(4)]
+
+    _, stats, _ = diffusion_gan_discriminator_loss(
+        discriminator, diffusion, x_real, x_fake, labels, config, d_step=0, generator=generators()
+    )
+    x = x_real.clone().requires_grad_(True)
+    logits = discriminator(x, class_labels=labels, feature_diffusion=diffusion, generator=generators()).logits
+    assert torch.allclose(stats["r1"], r1_penalty(logits, x).mean(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "none"])

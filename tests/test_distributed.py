@@ -20,7 +20,7 @@ from sadm.losses import denoising_loss, training_target
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
-from sadm.structure import StructureConfig, structure_discriminator_loss
+from sadm.structure import StructureConfig, structure_discriminator_loss, structure_inputs
 from sadm.training import check_distributed, list_checkpoints
 
 TINY = ["--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0",
@@ -227,7 +227,9 @@ def test_accumulation_of_the_structure_discriminator_loss_averages_micro_batch_l
     t = torch.randint(0, 1000, (8,), generator=g)
 
     def loss(part=slice(None)):
-        return structure_discriminator_loss(disc, x0[part], x0_hat[part], t[part], alphas_cumprod, config)[0]
+        return structure_discriminator_loss(
+            disc, structure_inputs(x0[part], x0_hat[part], t[part], alphas_cumprod, config), config
+        )[0]
 
     def mean_of_halves():
         return (loss(slice(0, 4)).mean() + loss(slice(4, 8)).mean()) / 2

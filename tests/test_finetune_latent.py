@@ -29,7 +29,7 @@ from sadm.latents import (
 from sadm.losses import predict_x0
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
-from sadm.structure import StructureConfig, structure_denoiser_loss
+from sadm.structure import StructureConfig, structure_denoiser_loss, structure_inputs
 
 COMMON = ["--resolution", "16", "--train_batch_size", "4", "--report_to", "none", "--validation_steps", "0"]
 
@@ -180,7 +180,9 @@ def test_discriminator_on_decoded_pixels_sends_gradients_into_the_denoiser(repli
     if term == "structure":  # the discriminators are frozen in the denoiser step, as in the script
         disc = StructureDiscriminator(in_channels=3, sample_size=16, embed_dim=16, base_channels=8)
         config = StructureConfig(weight=1.0, t_threshold=1000, warmup_steps=0)
-        loss, _ = structure_denoiser_loss(disc.requires_grad_(False), real, fake, timesteps, alphas_cumprod, config)
+        loss, _ = structure_denoiser_loss(
+            disc.requires_grad_(False), structure_inputs(real, fake, timesteps, alphas_cumprod, config), config
+        )
     else:
         disc = TimestepDiscriminator(in_channels=3, sample_size=16, base_channels=8, num_layers=2, embed_dim=16)
         config = DiffusionGANConfig(weight=1.0)

@@ -16,6 +16,7 @@ from sadm.structure import (
     StructureConfig,
     structure_denoiser_loss,
     structure_discriminator_loss,
+    structure_inputs,
     structure_weight_at,
 )
 
@@ -193,7 +194,9 @@ def test_needs_pairs():
     disc = _tiny_discriminator().requires_grad_(False)
     x = torch.randn(1, 1, 8, 8)
     with pytest.raises(ValueError, match="pairs"):
-        structure_denoiser_loss(disc, x, x, torch.tensor([0]), _alphas_cumprod(), StructureConfig())
+        structure_denoiser_loss(
+            disc, structure_inputs(x, x, torch.tensor([0]), _alphas_cumprod(), StructureConfig()), StructureConfig()
+        )
 
 
 def test_entropy_values():
@@ -347,10 +350,14 @@ def test_adversarial_losses_vanish_on_identical_batches(relation, distance):
     disc = _tiny_discriminator().train()
     x0, _, timesteps = _batch()
     config = StructureConfig(relation=relation, distance=distance, timestep_weighting="none")
-    loss, _ = structure_discriminator_loss(disc, x0, x0.clone(), timesteps, _alphas_cumprod(), config)
+    loss, _ = structure_discriminator_loss(
+        disc, structure_inputs(x0, x0.clone(), timesteps, _alphas_cumprod(), config), config
+    )
     torch.testing.assert_close(loss, torch.zeros(6), atol=1e-6, rtol=0)
     disc.requires_grad_(False)
-    loss, _ = structure_denoiser_loss(disc, x0, x0.clone(), timesteps, _alphas_cumprod(), config)
+    loss, _ = structure_denoiser_loss(
+        disc, structure_inputs(x0, x0.clone(), timesteps, _alphas_cumprod(), config), config
+    )
     torch.testing.assert_close(loss, torch.zeros(6), atol=1e-6, rtol=0)
 
 
@@ -361,7 +368,9 @@ def test_denoiser_loss_gradients_reach_only_x0_hat():
     x0_hat.requires_grad_(True)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     config = StructureConfig(timestep_weighting="none")
-    loss, stats = structure_denoiser_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), config, class_labels=labels)
+    loss, stats = structure_denoiser_loss(
+        disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), config), config, class_labels=labels
+    )
     assert loss.shape == (6,) and (loss > 0).all()
     assert set(stats) == {"loss_struct", "struct_real_entropy", "struct_fake_entropy", "struct_weight_mean"}
     assert all(v.ndim == 0 and not v.requires_grad for v in stats.values())
@@ -375,7 +384,9 @@ def test_denoiser_loss_requires_frozen_discriminator():
     disc = _tiny_discriminator()
     x0, x0_hat, timesteps = _batch()
     with pytest.raises(ValueError, match="requires_grad_"):
-        structure_denoiser_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), StructureConfig())
+        structure_denoiser_loss(
+            disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), StructureConfig()), StructureConfig()
+        )
 
 
 def test_threshold_gating_keeps_gradients_off_high_noise_samples():
@@ -384,7 +395,9 @@ def test_threshold_gating_keeps_gradients_off_high_noise_samples():
     x0_hat.requires_grad_(True)
     timesteps = torch.tensor([10, 50, 90, 300, 600, 900])
     config = StructureConfig(timestep_weighting="threshold", t_threshold=100)
-    loss, stats = structure_denoiser_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), config)
+    loss, stats = structure_denoiser_loss(
+        disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), config), config
+    )
     assert (loss[3:] == 0).all() and (loss[:3] > 0).all()
     assert stats["struct_weight_mean"].item() == pytest.approx(0.5)
     loss.sum().backward()
@@ -393,7 +406,9 @@ def test_threshold_gating_keeps_gradients_off_high_noise_samples():
     # without gating, the low-noise rows pull on the high-noise samples through the relation's columns
     x0_hat.grad = None
     ungated = StructureConfig(timestep_weighting="threshold", t_threshold=100, gate_fake_gradients=False)
-    ungated_loss, _ = structure_denoiser_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), ungated)
+    ungated_loss, _ = structure_denoiser_loss(
+        disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), ungated), ungated
+    )
     torch.testing.assert_close(ungated_loss, loss.detach())
     ungated_loss.sum().backward()
     assert (x0_hat.grad.flatten(1).abs().sum(1)[3:] > 0).all()
@@ -406,7 +421,9 @@ def test_discriminator_loss_gradients_reach_only_discriminator(r1_gamma):
     x0.requires_grad_(True)
     x0_hat.requires_grad_(True)
     config = StructureConfig(timestep_weighting="none", r1_gamma=r1_gamma)
-    loss, stats = structure_discriminator_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), config)
+    loss, stats = structure_discriminator_loss(
+        disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), config), config
+    )
     assert loss.shape == (6,)
     assert {"loss_struct", "struct_real_entropy", "struct_fake_entropy"} <= set(stats)
     assert ("struct_r1" in stats) == (r1_gamma > 0)
@@ -425,7 +442,9 @@ def test_adam_step_changes_every_trainable_parameter(backbone):
     x0, x0_hat, timesteps = _batch(seed=1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     config = StructureConfig(timestep_weighting="none", r1_gamma=0.1)
-    loss, _ = structure_discriminator_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), config, class_labels=labels)
+    loss, _ = structure_discriminator_loss(
+        disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), config), config, class_labels=labels
+    )
     loss.mean().backward()
     optimizer.step()
     for name, p in disc.named_parameters():
@@ -436,7 +455,7 @@ def test_global_scope_rows_match_the_gathered_batch():
     disc = _tiny_discriminator().requires_grad_(False)
     x0, x0_hat, timesteps = _batch(8)
     config = StructureConfig(timestep_weighting="none", scope="global")
-    full, _ = structure_denoiser_loss(disc, x0, x0_hat, timesteps, _alphas_cumprod(), config)
+    full, _ = structure_denoiser_loss(disc, structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), config), config)
 
     # simulate process 1 of 2: the gather puts process 0's tensors (real z, fake z, weights) before this process's
     with torch.no_grad():
@@ -447,13 +466,20 @@ def test_global_scope_rows_match_the_gathered_batch():
         return torch.cat([next(from_process_0), tensor])  # [4, ...] -> [8, ...] in process order
 
     local, _ = structure_denoiser_loss(
-        disc, x0[4:], x0_hat[4:], timesteps[4:], _alphas_cumprod(), config, gather=gather, process_index=1
+        disc,
+        structure_inputs(x0[4:], x0_hat[4:], timesteps[4:], _alphas_cumprod(), config),
+        config,
+        gather=gather,
+        process_index=1,
     )
     assert local.shape == (4,)
     torch.testing.assert_close(local, full[4:])
     with pytest.raises(ValueError, match="scope"):
         structure_denoiser_loss(
-            disc, x0, x0_hat, timesteps, _alphas_cumprod(), StructureConfig(), gather=lambda tensor: tensor
+            disc,
+            structure_inputs(x0, x0_hat, timesteps, _alphas_cumprod(), StructureConfig()),
+            StructureConfig(),
+            gather=lambda tensor: tensor,
         )
 
 

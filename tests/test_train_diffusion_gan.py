@@ -174,6 +174,8 @@ def test_smoke_run_exports_pipeline_discriminator_and_T_plot(tmp_path, data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     for monitor in ("g_loss=", "d_loss=", "r_d=", "p=", "T=", "d_real_acc=", "d_fake_logit_mean="):
         assert monitor in result.stderr  # the tqdm postfix
+    # 3 steps x batch 2 over ada_kimg 100: p cannot move, and the run says so (naming the flags and the numbers)
+    assert "--max_train_steps 3 x 1 D step(s) x batch 2 with --diffusion_gan_ada_kimg 100" in result.stderr
     pipe = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe, DiffusionGANPipeline) and pipe.config.id2label == {0: "a", 1: "b"}
     assert pipe(class_labels=[0, 1, 1], output_type="np").images.shape == (3, 8, 8, 1)
@@ -242,3 +244,38 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
         False,
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--diffusion_gan_ada_kimg", "0"], "--diffusion_gan_ada_kimg: ada_kimg=0.0 must be > 0"),
+        (["--diffusion_gan_ada_kimg", "-1"], "--diffusion_gan_ada_kimg: ada_kimg=-1.0 must be > 0"),
+        (["--diffusion_gan_target", "1.5"], "--diffusion_gan_target: target=1.5 must be in (-1, 1)"),
+        (["--diffusion_gan_target", "-1"], "--diffusion_gan_target: target=-1.0 must be in (-1, 1)"),
+        (["--diffusion_gan_r1_interval", "0"], "--diffusion_gan_r1_interval: r1_interval=0 must be >= 1"),
+        (["--diffusion", "sometimes"], "--diffusion: mode 'sometimes' is not one of"),
+    ],
+)
+def test_bad_diffusion_gan_flags_name_the_flag(tmp_path, capsys, flags, message):
+    script = load_train_script()
+    with pytest.raises(SystemExit):
+        script.parse_args([*flags, "--output_dir", str(tmp_path / "o")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_warning_when_the_budget_cannot_move_p():
+    script = load_train_script()
+    config = DiffusionGANConfig(ada_kimg=100, disc_update_ratio=1)
+    # 300 D steps x batch 32 over ada_kimg 100: p can move by 0.096 at most
+    message = script.p_budget_warning(config, total_batch=32, max_train_steps=300)
+    assert message is not None
+    for part in ("--max_train_steps 300", "--diffusion_gan_ada_kimg 100", "0.096", "batch 32"):
+        assert part in message, (part, message)
+    # a long enough budget, or a second D step per generator step, moves p by more than 0.1: no warning
+    assert script.p_budget_warning(config, total_batch=32, max_train_steps=1500) is None
+    two_d_steps = DiffusionGANConfig(ada_kimg=100, disc_update_ratio=2)
+    assert script.p_budget_warning(two_d_steps, total_batch=32, max_train_steps=300) is None
+    # p does not adapt in the ablations: nothing to warn about
+    assert script.p_budget_warning(DiffusionGANConfig(mode="fixed"), total_batch=2, max_train_steps=1) is None

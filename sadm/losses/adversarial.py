@@ -1,7 +1,8 @@
 """GAN losses as pure functions of raw logits. Each returns a per-sample loss `[B]`; the caller weights and reduces.
 
 logistic: the non-saturating loss of Goodfellow et al. 2014 as in StyleGAN2 (softplus on raw logits);
-hinge: Lim & Ye 2017, as in ProjectedGAN. R1: Mescheder et al. 2018, ‖∇_x D(x)‖² on real inputs.
+hinge: Lim & Ye 2017, as in ProjectedGAN. R1: Mescheder et al. 2018, ‖∇_x D(x)‖² on real inputs (Diffusion-GAN: w.r.t.
+the clean x, through the noising in front of D).
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def gan_discriminator_loss(
 def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
     """‖∇_x D(x)‖² per sample, `[B]`, differentiable (create_graph=True) so it can be minimised.
 
-    `real_inputs` must have `requires_grad=True` and be the tensor D was called on.
+    `real_inputs` must have `requires_grad=True` and be the tensor D was called on or one upstream of it in the graph:
+    Diffusion-GAN passes the clean reals x with the noising y = √ᾱ_t·x + √(1−ᾱ_t)·σ·ε in between, which gives
+    ‖∇_x D(y(x))‖² = ᾱ_t·‖∇_y D(y)‖² per sample (the official code's penalty).
     """
     if not real_inputs.requires_grad:
-        raise ValueError("real_inputs must require grad (call .detach().requires_grad_(True) before D).")
+        raise ValueError(
+            "real_inputs must require grad (call .detach().requires_grad_(True) before the noising and D)."
+        )
     (grad,) = torch.autograd.grad(outputs=real_logits.sum(), inputs=real_inputs, create_graph=True)
     return grad.square().flatten(1).sum(dim=1)  # [B, ...] -> [B]

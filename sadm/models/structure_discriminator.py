@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as spectral_norm_
+
+TIME_PROJ_DIM = 128  # width of the sinusoidal level embedding of a noise-conditional encoder
 
 
 @dataclass
@@ -78,6 +81,10 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
             `"mean"` averages all tokens (or all positions of a `[B, C, H, W]` feature map).
         freeze_backbone (`bool`, defaults to `False`): Freeze the backbone (only the head and class embedding train);
             a frozen backbone also stays in eval mode and stays frozen through `requires_grad_(True)`.
+        num_timesteps (`int`, *optional*): If set, the encoder is noise-conditional, E_φ(x, s): a sinusoidal embedding
+            of the level `timestep` ∈ [0, num_timesteps] (0 = clean) through an MLP is added to the pooled features,
+            and `forward` requires `timestep`. Needed when it compares noised samples of mixed levels (SADM 'mmd',
+            re-noising).
     """
 
     @register_to_config
@@ -98,6 +105,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         transformers_config: dict | None = None,
         transformers_pooling: str = "cls",
         freeze_backbone: bool = False,
+        num_timesteps: int | None = None,
     ):
         super().__init__()
         if in_channels < 1:
@@ -200,6 +208,12 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         else:
             raise ValueError(f"`backbone` must be one of 'conv', 'vit', 'timm', 'transformers', got {backbone!r}.")
 
+        self.time_embedding = None
+        if num_timesteps is not None:
+            if num_timesteps < 1:
+                raise ValueError(f"`num_timesteps` must be None or >= 1, got {num_timesteps}.")
+            self.time_proj = Timesteps(TIME_PROJ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedding = TimestepEmbedding(TIME_PROJ_DIM, num_features)
         self.head = _maybe_spectral_norm(nn.Linear(num_features, embed_dim), spectral_norm)
         self.class_embedding = nn.Embedding(num_classes, embed_dim) if num_classes is not None else None
         if freeze_backbone:
@@ -239,6 +253,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         self,
         sample: torch.Tensor,
         class_labels: torch.LongTensor | None = None,
+        timestep: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> StructureDiscriminatorOutput | tuple:
         r"""
@@ -249,6 +264,9 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                 Clean samples x0 (real) or denoiser predictions x̂0 (fake), in any float dtype.
             class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class ids; required exactly when the model was built with `num_classes`.
+            timestep (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Noise level of each sample in [0, num_timesteps] (0 = clean); required exactly when the model was built
+                with `num_timesteps`.
             return_dict (`bool`, defaults to `True`):
                 Whether to return a [`StructureDiscriminatorOutput`] instead of a plain tuple.
 
@@ -267,7 +285,16 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                 f"The discriminator was built with num_classes={self.config.num_classes}; pass `class_labels`."
             )
 
+        if (self.time_embedding is None) != (timestep is None):
+            raise ValueError(
+                f"`timestep` must be given exactly when the discriminator is noise-conditional (num_timesteps="
+                f"{self.config.num_timesteps}), got timestep={'None' if timestep is None else 'a tensor'}."
+            )
+
         features = self._features(sample.to(self.dtype))  # [B, num_features]
+        if self.time_embedding is not None:
+            t_emb = self.time_proj(timestep.reshape(-1)).to(features.dtype)  # [B] -> [B, TIME_PROJ_DIM]
+            features = features + self.time_embedding(t_emb)  # [B, num_features]
         h = self.head(features)  # [B, num_features] -> [B, embed_dim]
         if self.class_embedding is not None:
             h = h + self.class_embedding(class_labels)  # [B, embed_dim]
