@@ -40,10 +40,11 @@ class DiffusionGANConfig:
     """Diffusion-GAN settings; fields left as None take the value of `preset` in `__post_init__`."""
 
     weight: float = field(
-        default=0.01,
+        default=0.0,
         metadata={
-            "help": "λ_adv: weight of the adversarial generator loss added to the DiT denoising loss (ours; small, "
-            "because adversarial terms easily break ε-prediction, METHODS.md §1.2.7). Unused by the one-step GAN."
+            "help": "λ_adv: weight of the adversarial generator loss added to the DiT denoising loss; 0 = off (ours: "
+            "neutral from scratch on the digits benchmark, docs/BENCHMARKS.md; 0.01 helped a little when fine-tuning, "
+            "larger values easily break ε-prediction). Unused by the one-step GAN."
         },
     )
     preset: str = field(

@@ -48,10 +48,11 @@ class StructureConfig:
     """
 
     weight: float = field(
-        default=0.01,
+        default=0.0,
         metadata={
-            "help": "λ, the weight of the structure loss in the denoiser objective. 0.01: the only value in the "
-            "digits prototype (METHODS.md §1.2 item 7) that did not collapse the samples; 0.05 and 0.5 did."
+            "help": "λ, the weight of the structure loss in the denoiser objective (the cap of λ with grad_ratio); 0 "
+            "= off. Off: no variant has beaten DSM-only on the digits benchmark (docs/BENCHMARKS.md); for 'paired', "
+            "0.01 was the only value of the digits prototype that did not collapse the samples (0.05 and 0.5 did)."
         },
     )
     relation: str = field(

@@ -4,9 +4,12 @@
     python scripts/benchmark_quality.py --arms dsm sadm --seeds 0 1 2 --max_train_steps 2000 --jobs 2
 
 Each (arm, seed) trains with `scripts/train_sadm.py` (DiT arms) or `scripts/train_diffusion_gan.py` (GAN arms) into
-`<output_root>/<arm>/seed<k>`, is evaluated with `scripts/evaluate.py` (digit-classifier accuracy, digits-FID,
-precision/recall), and the table of mean ± std over seeds is written to `--report` (and the per-run JSON beside the runs).
-Finished runs are reused, so the benchmark can be extended arm by arm. Ratios vs the first arm are printed last.
+`<output_root>/<arm>/seed<k>`. Each DiT run is then sampled with every `--samplers` entry (default DDPM 100 steps and
+DDIM 10 steps: adversarial terms are expected to matter most at few steps) by `scripts/sample.py` into an `.npz`, which
+`scripts/evaluate.py` measures in two feature spaces: the digit classifier (accuracy, digits-FID, precision/recall) and
+raw pixels (pixel-FID, which sees the speckle the classifier is blind to). GAN arms are sampled in their one step. The
+report (`--report`) has a table of mean ± std over seeds per sampler, and the paired per-seed differences of each arm
+to the first one. Finished runs and samples are reused, so the benchmark can be extended arm by arm.
 
 With `--eval_steps N` the training runs also evaluate every N steps (`eval_history.json`), and the report links two
 PNGs under `--plots_dir`: the metrics against the step per arm (mean ± std over seeds; runs without a history, e.g.
@@ -63,7 +66,21 @@ ARMS.update({
     "ft_gan_term": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01"]),
     "ft_sadm+gan_term": ("train_sadm.py", [*FINETUNE, *SADM, "--gan_loss_weight", "0.01"]),
 })  # fmt: skip
-METRICS = ("accuracy", "fid", "precision", "recall")
+# The consistent variants (docs/METHODS.md §1.2b, tests/test_structure_consistency.py), pre-registered in
+# docs/BENCHMARKS.md before they were run. λ follows the gradient-norm rule (structure gradient at the denoiser's output
+# = 0.1 x the denoising loss's, capped at 100): the 'mmd' gradient at x̂0 is scaled by the small reverse-step coefficient,
+# so no fixed λ is comparable across formulations.
+MMD = ["--structure_formulation", "mmd", "--structure_timestep_weighting", "none", "--structure_reverse_step", "10"]
+ADAPTIVE = ["--structure_loss_weight", "100", "--structure_grad_ratio", "0.1"]
+PAIRED_FIX = ["--structure_columns", "active", "--structure_renoise_offset", "0", "--structure_t_threshold", "200"]
+ARMS.update({
+    "sadm_mmd": ("train_sadm.py", [*MMD, *ADAPTIVE]),
+    "sadm_paired_fix": ("train_sadm.py", [*PAIRED_FIX, *ADAPTIVE]),
+    "ft_sadm_mmd": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE]),
+    "ft_sadm_paired_fix": ("train_sadm.py", [*FINETUNE, *PAIRED_FIX, *ADAPTIVE]),
+})  # fmt: skip
+METRICS = ("accuracy", "fid", "pixel_fid", "precision", "recall")
+LOWER_IS_BETTER = ("fid", "pixel_fid")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max_train_steps", type=int, default=2000)
     parser.add_argument("--num_samples", type=int, default=1000, help="Samples per evaluation (equal per class).")
-    parser.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps of the DiT arms.")
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["ddpm:100", "ddim:10"],
+        help="scheduler:steps pairs the DiT arms are sampled with (schedulers of scripts/sample.py).",
+    )
     parser.add_argument("--output_root", type=str, default="runs/benchmark_quality")
     parser.add_argument("--report", type=str, default="docs/BENCHMARKS.md")
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (threads per run = cores / jobs).")
@@ -90,11 +112,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval_num_samples", type=int, default=500, help="Samples per in-training evaluation (with --eval_steps)."
     )
     parser.add_argument(
+        "--eval_num_inference_steps", type=int, default=25, help="DDPM steps of each in-training evaluation."
+    )
+    parser.add_argument(
         "--plots_dir", type=str, default="docs/benchmarks", help="Where the curve and sample-grid PNGs go."
     )
     args = parser.parse_args(argv)
     if args.eval_steps < 0:
         parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}")
+    for sampler in args.samplers:
+        name, _, steps = sampler.partition(":")
+        if name not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1:
+            parser.error(f"--samplers entry {sampler!r} must be ddpm:<steps> or ddim:<steps>.")
+    if args.num_samples % 10:
+        parser.error(f"--num_samples {args.num_samples} must be a multiple of the 10 digit classes.")
     return args
 
 
@@ -120,7 +151,7 @@ def train_command(args, arm: str, seed: int, out: Path) -> list[str]:
     if args.eval_steps:  # in-training evaluation with the script's digits defaults (accuracy, digits-FID)
         evaluation = ["--eval_steps", str(args.eval_steps), "--eval_num_samples", str(args.eval_num_samples)]
         if script == "train_sadm.py":
-            evaluation += ["--eval_num_inference_steps", str(args.num_inference_steps)]
+            evaluation += ["--eval_num_inference_steps", str(args.eval_num_inference_steps)]
     return [
         sys.executable, str(REPO / "scripts" / script), "--output_dir", str(out), "--seed", str(seed),
         "--max_train_steps", str(args.max_train_steps), "--validation_steps", "0", "--report_to", "none",
@@ -128,30 +159,77 @@ def train_command(args, arm: str, seed: int, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def evaluate_command(args, arm: str, out: Path) -> list[str]:
-    return [
-        sys.executable, str(REPO / "scripts" / "evaluate.py"), "--samples", str(out), "--num_samples", str(args.num_samples),
-        "--num_inference_steps", str(args.num_inference_steps), "--metrics", ",".join(METRICS),
-        "--output_json", str(out / "metrics.json"),
-    ]  # fmt: skip
+def samplers_of(arm: str, args) -> list[str]:
+    """The samplers an arm is measured with: the DiT arms' `--samplers`, the GAN arms' single step."""
+    return args.samplers if ARMS[arm][0] == "train_sadm.py" else ["onestep"]
 
 
-def run_one(args, arm: str, seed: int, threads: int) -> dict:
+def evaluate_run(args, arm: str, out: Path, log: Path, threads: int) -> dict[str, dict[str, float]]:
+    """{sampler tag: metrics} of one trained run: sample once per sampler into an .npz, measure it in both spaces."""
+    results = {}
+    for sampler in samplers_of(arm, args):
+        name, _, steps = sampler.partition(":")
+        tag = name + steps  # e.g. ddpm100
+        folder = out / f"samples_{tag}"
+        if not (folder / "samples.npz").exists():
+            sample = [
+                sys.executable, str(REPO / "scripts" / "sample.py"), "--pipeline", str(out), "--output_dir", str(folder),
+                "--num_per_class", str(args.num_samples // 10), "--no_png", "--overwrite", "--seed", "0",
+            ]  # fmt: skip
+            if steps:
+                sample += ["--scheduler", name, "--num_inference_steps", steps]
+            run(sample, log, threads)
+        metrics = {}
+        for network, names in (("digits", "accuracy,fid,precision,recall"), ("pixels", "fid")):
+            report = folder / f"metrics_{network}.json"
+            if not report.exists():
+                evaluate = [
+                    sys.executable, str(REPO / "scripts" / "evaluate.py"), "--samples", str(folder / "samples.npz"),
+                    "--feature_network", network, "--metrics", names, "--output_json", str(report),
+                ]  # fmt: skip
+                run(evaluate, log, threads)
+            values = json.loads(report.read_text())
+            if network == "digits":
+                metrics.update({m: values[m] for m in ("accuracy", "fid", "precision", "recall")})
+            else:
+                metrics["pixel_fid"] = values["fid"]
+        results[tag] = metrics
+    return results
+
+
+def run_one(args, arm: str, seed: int, threads: int) -> dict[str, dict[str, float]]:
     out = Path(args.output_root) / arm / f"seed{seed}"
-    metrics_file = out / "metrics.json"
-    if metrics_file.exists():
-        return json.loads(metrics_file.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"seed{seed}.log"
-    start = time.time()
     if not (out / "model_index.json").exists():
+        start = time.time()
         run(train_command(args, arm, seed, out) + ["--overwrite_output_dir"], log, threads)
-    run(evaluate_command(args, arm, out), log, threads)
-    result = json.loads(metrics_file.read_text())
-    result["wall_s"] = time.time() - start
-    metrics_file.write_text(json.dumps(result, indent=2))
-    print(f"{arm} seed {seed}: " + ", ".join(f"{m} {result[m]:.4g}" for m in METRICS if m in result), flush=True)
+        (out / "train_wall_s.txt").write_text(f"{time.time() - start:.1f}\n")
+    result = evaluate_run(args, arm, out, log, threads)
+    summary = "; ".join(f"{tag}: " + ", ".join(f"{m} {v:.4g}" for m, v in r.items()) for tag, r in result.items())
+    print(f"{arm} seed {seed}: {summary}", flush=True)
     return result
+
+
+def paired_differences(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int], tag: str) -> list[str]:
+    """Markdown rows: per arm and metric, arm − baseline per seed, then mean ± std of those differences."""
+    base = arms[0]
+    rows = [
+        f"| arm − {base} | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+        "|---|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for arm in arms[1:]:
+        if tag not in results[(arm, seeds[0])] or tag not in results[(base, seeds[0])]:
+            continue
+        for metric in ("fid", "pixel_fid", "accuracy"):
+            diffs = np.array([results[(arm, s)][tag][metric] - results[(base, s)][tag][metric] for s in seeds])
+            std = diffs.std(ddof=1) if len(diffs) > 1 else 0.0
+            rows.append(
+                f"| {arm} | {metric} | "
+                + " | ".join(f"{d:+.3g}" for d in diffs)
+                + f" | {diffs.mean():+.3g} ± {std:.2g} |"
+            )
+    return rows
 
 
 def load_histories(args, arm: str) -> list[list[dict]]:
@@ -204,8 +282,8 @@ def plot_curves(args, path: Path) -> bool:
 
 
 def plot_sample_grids(args, path: Path, threads: int) -> bool:
-    """Side-by-side grids of 10 samples per class (one row per class) of seed 0 of each arm, as scripts/sample.py
-    writes them (cached in `<run>/samples_grid/`); False when no arm has a seed-0 pipeline."""
+    """Side-by-side grids of 10 samples per class (one row per class) of seed 0 of each arm with the first sampler, as
+    scripts/sample.py writes them (cached in `<run>/samples_grid/`); False when no arm has a seed-0 pipeline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
@@ -219,8 +297,10 @@ def plot_sample_grids(args, path: Path, threads: int) -> bool:
             sample = [
                 sys.executable, str(REPO / "scripts" / "sample.py"), "--pipeline", str(out), "--output_dir",
                 str(grid.parent), "--num_per_class", "10", "--grid", "--no_png", "--overwrite",
-                "--num_inference_steps", str(args.num_inference_steps),
             ]  # fmt: skip
+            if ARMS[arm][0] == "train_sadm.py":  # the first (many-step) sampler
+                name, _, steps = args.samplers[0].partition(":")
+                sample += ["--scheduler", name, "--num_inference_steps", steps]
             run(sample, out.parent / f"seed{seed}.log", threads)
         if grid.exists():
             grids[arm] = np.asarray(Image.open(grid).convert("RGB"))
@@ -243,32 +323,36 @@ def main(args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(args, job[0], job[1], threads), jobs))
-    table: dict[str, dict[str, list[float]]] = {}
-    for (arm, _), result in zip(jobs, results):
-        for metric in METRICS:
-            if metric in result:
-                table.setdefault(arm, {}).setdefault(metric, []).append(result[metric])
+        results = dict(zip(jobs, pool.map(lambda job: run_one(args, job[0], job[1], threads), jobs)))
+    tags = list(dict.fromkeys(tag for result in results.values() for tag in result))
 
-    lines = [
-        "| arm | " + " | ".join(METRICS) + " | seeds |",
-        "|---|" + "---|" * (len(METRICS) + 1),
-    ]
-    for arm in args.arms:
-        cells = []
-        for metric in METRICS:
-            values = np.asarray(table[arm].get(metric, [np.nan]))
-            cells.append(f"{values.mean():.4g} ± {values.std(ddof=1) if len(values) > 1 else 0:.2g}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {len(args.seeds)} |")
-    per_seed = ["| arm | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for (arm, seed), result in zip(jobs, results):
-        per_seed.append(
-            f"| {arm} | {seed} | " + " | ".join(f"{result.get(m, float('nan')):.4g}" for m in METRICS) + " |"
-        )
+    tables = []
+    for tag in tags:
+        arms = [arm for arm in args.arms if tag in results[(arm, args.seeds[0])]]
+        rows = [
+            f"**{tag}**",
+            "",
+            "| arm | " + " | ".join(METRICS) + " | seeds |",
+            "|---|" + "---|" * (len(METRICS) + 1),
+        ]
+        for arm in arms:
+            cells = []
+            for metric in METRICS:
+                values = np.array([results[(arm, seed)][tag][metric] for seed in args.seeds])
+                cells.append(f"{values.mean():.4g} ± {values.std(ddof=1) if len(values) > 1 else 0:.2g}")
+            rows.append(f"| {arm} | " + " | ".join(cells) + f" | {len(args.seeds)} |")
+        if len(arms) > 1 and arms[0] == args.arms[0]:
+            rows += ["", *paired_differences(results, args.arms, args.seeds, tag)]
+        tables += [*rows, ""]
+    per_seed = ["| arm | seed | sampler | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
+    for (arm, seed), result in results.items():
+        for tag, metrics in result.items():
+            cells = " | ".join(f"{metrics.get(m, float('nan')):.4g}" for m in METRICS)
+            per_seed.append(f"| {arm} | {seed} | {tag} | {cells} |")
     # plots, linked from the report section (paths relative to the report)
-    tag = "_".join(arm.replace("+", "-") for arm in args.arms) + f"_{args.max_train_steps}"
-    curves_png = Path(args.plots_dir) / f"{tag}_curves.png"
-    samples_png = Path(args.plots_dir) / f"{tag}_samples.png"
+    name = "_".join(arm.replace("+", "-") for arm in args.arms) + f"_{args.max_train_steps}"
+    curves_png = Path(args.plots_dir) / f"{name}_curves.png"
+    samples_png = Path(args.plots_dir) / f"{name}_samples.png"
     figures = []
     if plot_curves(args, curves_png):
         link = os.path.relpath(curves_png, Path(args.report).parent)
@@ -288,12 +372,12 @@ def main(args: argparse.Namespace) -> None:
         f"### {', '.join(args.arms)} — {args.max_train_steps} steps, seeds {args.seeds}",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine}; {args.num_samples} samples per run, {args.num_inference_steps} sampling steps (DiT arms).  ",
+        f"Machine: {machine}; {args.num_samples} samples per run and sampler (DiT arms: {', '.join(args.samplers)}).  ",
         "accuracy: share of samples a held-out digit classifier reads as the requested class; fid: Fréchet distance in "
-        "that classifier's features vs the 1797 real digits; precision/recall: k=3 manifolds in the same features.",
+        "that classifier's features vs the 1797 real digits; pixel_fid: the same on raw pixels; precision/recall: k=3 "
+        "manifolds in the classifier's features. Differences: arm − first arm on the same seed (lower FID is better).",
         "",
-        *lines,
-        "",
+        *tables,
         "<details><summary>per seed</summary>",
         "",
         *per_seed,
@@ -302,16 +386,21 @@ def main(args: argparse.Namespace) -> None:
         "",
         *[line for figure in figures for line in (figure, "")],
     ]
-    print("\n".join(lines))
+    print("\n".join(tables))
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     with open(report, "a") as f:
         f.write("\n".join(section) + "\n")
     base = args.arms[0]
     ratios = {
-        f"{arm}_over_{base}_{metric}": float(np.mean(table[arm][metric]) / np.mean(table[base][metric]))
+        f"{arm}_over_{base}_{tag}_{metric}": float(
+            np.mean([results[(arm, s)][tag][metric] for s in args.seeds])
+            / np.mean([results[(base, s)][tag][metric] for s in args.seeds])
+        )
+        for tag in tags
         for arm in args.arms[1:]
-        for metric in ("accuracy", "fid")
+        for metric in ("accuracy", "fid", "pixel_fid")
+        if tag in results[(arm, args.seeds[0])] and tag in results[(base, args.seeds[0])]
     }
     print(json.dumps(ratios))
 

@@ -11,7 +11,8 @@ Training arms, per (preset, space) configuration, all with the same model, batch
            progress bar and an in-memory random dataset in place of the image loader), DSM loss only;
 - `sadm`:  the same with the SADM structure loss (default structure discriminator, λ = 0.01, no λ warm-up);
 - `gan`:   the same with the Diffusion-GAN term (default timestep discriminator, λ_adv = 0.01);
-- `both`:  both terms.
+- `both`:  both terms;
+- `sadm_mmd` (on request): SADM's 'mmd' critic on reverse-step samples with the gradient-norm λ.
 
 "latent" means 4-channel inputs at the VAE's 1/8 resolution, fed directly (the VAE encode is not part of the timed
 step). Every step is timed; the first `--warmup_steps` of each run are dropped and
@@ -57,6 +58,9 @@ SCRIPT_ARMS: dict[str, list[str]] = {
     "gan": ["--gan_loss_weight", "0.01"],
     "both": ["--structure_loss_weight", "0.01", "--structure_warmup_steps", "0", "--gan_loss_weight", "0.01"],
 }
+# the consistent SADM critic with the gradient-norm λ (two extra gradients at the output per step)
+SCRIPT_ARMS["sadm_mmd"] = ["--structure_loss_weight", "100", "--structure_grad_ratio", "0.1", "--structure_formulation",
+                           "mmd", "--structure_timestep_weighting", "none", "--structure_warmup_steps", "0"]  # fmt: skip
 ARMS = ["bare", *SCRIPT_ARMS]
 DEFAULT_ARMS = ["bare", "dsm", "sadm", "gan", "both"]  # dsm_ema on request: it fits the 10-minute CPU budget
 HEADLINE_RATIOS = {  # JSON key: (numerator arm, denominator arm)

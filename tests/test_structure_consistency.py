@@ -60,7 +60,9 @@ def systematic_share(config: StructureConfig | None, seed: int) -> float:
     encoder = encoder.double().requires_grad_(False)
     grads = []
     for _ in range(DRAWS):
-        x0 = patterns[torch.multinomial(posterior, 1, generator=generator).squeeze(1)]  # x0 ~ p(x0 | x_t), [B, 1, 4, 4]
+        x0 = patterns[
+            torch.multinomial(posterior, 1, generator=generator).squeeze(1)
+        ]  # x0 ~ p(x0 | x_t), [B, 1, 4, 4]
         x0_hat = exact.clone().requires_grad_(True)
         if config is None:
             loss = (x0_hat - x0).pow(2).flatten(1).sum(1)  # DSM in x0-space

@@ -61,6 +61,10 @@ def test_smoke_run_exports_a_loadable_pipeline(tmp_path, data_dir):
 
 SADM_AND_GAN = ["--structure_loss_weight", "0.05", "--structure_warmup_steps", "0", "--structure_t_threshold", "1000",
                 "--gan_loss_weight", "0.05"]  # fmt: skip
+# the consistent SADM options: reverse-step samples and re-noising (their own noise draws), adaptive λ
+SADM_MMD = ["--structure_loss_weight", "10", "--structure_formulation", "mmd", "--structure_timestep_weighting", "none",
+            "--structure_reverse_step", "5", "--structure_renoise_offset", "10", "--structure_grad_ratio", "0.1",
+            "--structure_min_active", "2", "--structure_warmup_steps", "0"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -69,8 +73,10 @@ SADM_AND_GAN = ["--structure_loss_weight", "0.05", "--structure_warmup_steps", "
         ["--structure_loss_weight", "0"],  # plain DSM
         SADM_AND_GAN,
         [*SADM_AND_GAN, "--per_sample_noise"],  # draws seeded per (seed, epoch, sample index, stream)
+        SADM_MMD,
+        [*SADM_MMD, "--per_sample_noise"],
     ],
-    ids=["dsm", "sadm+gan", "sadm+gan_per_sample_noise"],
+    ids=["dsm", "sadm+gan", "sadm+gan_per_sample_noise", "sadm_mmd", "sadm_mmd_per_sample_noise"],
 )
 def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir, terms):
     common = [*terms, *TINY, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
@@ -93,7 +99,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir, terms):
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming from" in second.stdout + second.stderr
-    for sub in ["transformer"] + (["discriminator", "timestep_discriminator"] if "--gan_loss_weight" in terms else []):
+    subs = ["transformer"] + (["discriminator"] if "--structure_formulation" in terms else [])
+    subs += ["discriminator", "timestep_discriminator"] if "--gan_loss_weight" in terms else []
+    for sub in subs:
         a, b = weights(straight, sub), weights(resumed, sub)
         assert all(torch.equal(a[k], b[k]) for k in a), f"resumed {sub} differs from the uninterrupted run"
     if "--gan_loss_weight" in terms:  # the adaptive diffusion state (p, T, t-table, RNG) too
@@ -131,6 +139,22 @@ def test_bad_flags_stop_before_training(tmp_path, data_dir):
         launch=False,
     )
     assert result.returncode != 0 and "nowhere" in result.stderr
+    # the active sub-batch of 'mmd' can never reach --structure_min_active 4 with batches of 2
+    result = run_script(
+        "train_sadm.py", *TINY, "--structure_loss_weight", "1", "--structure_formulation", "mmd",
+        "--structure_timestep_weighting", "none", "--output_dir", str(tmp_path / "o3"), launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--structure_min_active 4" in result.stderr
+    result = run_script(
+        "train_sadm.py", *TINY, "--structure_loss_weight", "1", "--structure_formulation", "mmd",
+        "--structure_distance", "kl", "--output_dir", str(tmp_path / "o4"), launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "unpaired" in result.stderr
+    result = run_script(
+        "train_sadm.py", *TINY, "--structure_loss_weight", "1", "--structure_renoise_offset", "950",
+        "--output_dir", str(tmp_path / "o5"), launch=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "no room below T=1000" in result.stderr
 
 
 def test_sample_script_writes_pngs_npz_and_grid(tmp_path, data_dir):
