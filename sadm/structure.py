@@ -5,11 +5,16 @@ real batch {x0_i} and the denoiser's predictions {x̂0_i} of the same samples:
 
     min_θ max_φ  L_DSM(θ) + λ · mean_i w(t_i) · S_i(E_φ(x0), E_φ(x̂0_θ))
 
-with S_i from [`sadm.losses.structure.structure_loss`] and w(t) from
-[`sadm.losses.structure.structure_timestep_weights`]. One denoiser forward gives x̂0 for both steps:
+with S_i from [`sadm.losses.structure.structure_loss`] ('paired', the original recipe) or the row shares of an
+unbiased MMD² between reverse-step samples ('mmd', [`sadm.losses.structure.mmd_loss`]; consistent with the DSM optimum,
+docs/METHODS.md), and w(t) from [`sadm.losses.structure.structure_timestep_weights`]. One denoiser forward gives x̂0;
+[`structure_inputs`] turns (x0, x̂0, x_t) into what E_φ compares, once, for both steps:
 
-    denoiser step:       L_DSM + structure_weight_at(step, config) * structure_denoiser_loss(...)[0]   (E_φ frozen)
-    discriminator step:  structure_discriminator_loss(...)[0] with x̂0 detached                        (E_φ trained)
+    inputs = structure_inputs(x0, x̂0, t, ᾱ, config, x_t, generator)
+    denoiser step:       L_DSM + λ * structure_denoiser_loss(E_φ, inputs, config)[0].mean()     (E_φ frozen)
+    discriminator step:  structure_discriminator_loss(E_φ, inputs, config)[0].mean()            (x̂0 detached, E_φ trained)
+
+with λ = `structure_weight_at(step, config)`, times [`adaptive_structure_weight`] / weight under `config.grad_ratio`.
 
 Global scope (relations over the batch of every process): pass `gather=all_gather_with_grad` and
 `process_index=accelerator.process_index` with `StructureConfig(scope="global")`. The relations are then built over
