@@ -55,6 +55,8 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
     cls = getattr(diffusers, class_name, None)
     if isinstance(cls, type) and issubclass(cls, SchedulerMixin) and cls is not SchedulerMixin:
         return cls
+    if hasattr(cls, "_backends"):  # diffusers' placeholder for a class whose optional dependency is missing
+        raise argparse.ArgumentTypeError(f"diffusers' {class_name} needs {' and '.join(cls._backends)} installed.")
     names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
     close = difflib.get_close_matches(class_name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
