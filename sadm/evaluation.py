@@ -215,7 +215,8 @@ def extract_features(
     return _concat_in_order(chunks)
 
 
-def _sample_seed(seed: int, index: int) -> int:
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index`'s generator (also `scripts/sample.py`'s)."""
     # one independent stream per (seed, sample): the same image whatever the batch size and the number of processes
     return seed * (1 << 32) + index
 
@@ -261,7 +262,7 @@ def sample_features(
     loader = _shard(range(num_samples), batch_size, accelerator)
     for indices in tqdm(loader, desc="sampling", disable=not accelerator.is_local_main_process):
         indices = indices.cpu()
-        generator = [torch.Generator().manual_seed(_sample_seed(seed, int(i))) for i in indices]
+        generator = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
         images = pipeline(
             class_labels=labels[indices].tolist() if labels is not None else None,
             batch_size=len(indices),

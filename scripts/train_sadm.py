@@ -423,13 +423,16 @@ def make_disc_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def make_pipeline(transformer, noise_scheduler: DDPMScheduler, id2label, vae: AutoencoderKL | None) -> SADMDiTPipeline:
-    return SADMDiTPipeline(transformer=transformer, scheduler=noise_scheduler, vae=vae, id2label=id2label)
+    # saved with a fixed variance so that diffusers' DiTPipeline, which drops a learned σ, can step it as it is;
+    # SADMDiTPipeline sees the learned σ in the transformer (2C outputs) and samples with "learned_range" itself
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config, variance_type="fixed_small")
+    return SADMDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label)
 
 
 # how diffusers' own DiTPipeline samples a latent export (it hard-codes the null class 1000 and drops a learned σ)
 DIT_PIPELINE_NOTE = (
-    "- diffusers' `DiTPipeline` loads it too: `DiTPipeline.from_pretrained('PATH', scheduler=DDIMScheduler.from_pretrained("
-    "'PATH', subfolder='scheduler'))`; guidance_scale > 1 needs 1000 classes there (this model's null class is {null_class})."
+    "- diffusers' `DiTPipeline` samples it as it is: `DiTPipeline.from_pretrained('PATH')` (with the fixed variance of "
+    "the saved scheduler); guidance_scale > 1 needs 1000 classes there (this model's null class is {null_class})."
 )
 
 

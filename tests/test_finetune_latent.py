@@ -11,7 +11,7 @@ from helpers import run_script, write_class_folder, write_dit_replica
 from PIL import Image
 from safetensors.torch import load_file
 
-import sadm  # noqa: F401  (registers SADMDiTPipeline on diffusers)
+import sadm  # registers SADMDiTPipeline on diffusers
 from sadm.data import load_train_dataset
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion, diffusion_gan_generator_loss
 from sadm.latents import (
@@ -72,11 +72,35 @@ def test_finetune_replica_exports_a_latent_pipeline_that_dit_pipeline_loads(tmp_
     for sub in ("discriminator", "timestep_discriminator"):
         config = json.loads((out / sub / "config.json").read_text())
         assert (config["in_channels"], config["sample_size"]) == (3, 16)
-    # diffusers' own DiTPipeline: its sampler drops the learned σ, so it takes the export's betas in a DDIM scheduler
+    # diffusers' own DiTPipeline with another scheduler built from the export's (it drops the learned σ)
     dit = DiTPipeline.from_pretrained(out, scheduler=DDIMScheduler.from_pretrained(out, subfolder="scheduler"))
     generator = torch.Generator().manual_seed(0)
     images = dit(class_labels=[0, 999], num_inference_steps=2, guidance_scale=4.0, generator=generator).images
     assert len(images) == 2 and images[0].size == (16, 16)
+
+
+def test_dit_pipeline_samples_a_learned_sigma_export_as_it_is(tmp_path, replica, data_dir):
+    # the export saves a fixed-variance DDPMScheduler: DiTPipeline drops the σ channels and steps it, while
+    # SADMDiTPipeline reads the learned σ off the transformer (8 = 2 x 4 output channels) and steps "learned_range"
+    out = tmp_path / "run"
+    result = run_script(
+        "train_sadm.py", *COMMON, "--pretrained_model_name_or_path", str(replica), "--train_data_dir", str(data_dir),
+        "--output_dir", str(out), "--max_train_steps", "1", "--structure_loss_weight", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "fixed_small"
+    images = DiTPipeline.from_pretrained(out)(class_labels=[0], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()  # guidance 4 (its default): null class 1000
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe.transformer.config.out_channels == 8 and type(pipe.scheduler).__name__ == "DDPMScheduler"
+    learned = type(pipe.scheduler).from_config(pipe.scheduler.config, variance_type="learned_range")
+    expected = sadm.SADMDiTPipeline(pipe.transformer, learned, pipe.vae, pipe.config.id2label)
+
+    def draw(p):
+        return p(class_labels=[0, 999], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+
+    assert [np.asarray(a).tobytes() for a in draw(pipe)] == [np.asarray(b).tobytes() for b in draw(expected)]
+    assert "DiTPipeline.from_pretrained('" in (out / "README.md").read_text()
 
 
 def logged(folder, tag="loss_dsm") -> list[float]:
