@@ -78,8 +78,6 @@ ARMS.update({
     "sadm_paired_fix": ("train_sadm.py", [*PAIRED_FIX, *ADAPTIVE]),
     "ft_sadm_mmd": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE]),
     "ft_sadm_paired_fix": ("train_sadm.py", [*FINETUNE, *PAIRED_FIX, *ADAPTIVE]),
-    # exploratory, added after the pre-registered arms were seen to be neutral: 'mmd' pushing as hard as the DSM loss
-    "ft_sadm_mmd_equal": ("train_sadm.py", [*FINETUNE, *MMD, "--structure_loss_weight", "1000", "--structure_grad_ratio", "1"]),
 })  # fmt: skip
 METRICS = ("accuracy", "fid", "pixel_fid", "precision", "recall")
 LOWER_IS_BETTER = ("fid", "pixel_fid")

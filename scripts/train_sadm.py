@@ -530,7 +530,7 @@ def main(args: argparse.Namespace) -> None:
     )
 
     # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
-    struct_cfg, gan_cfg = args.structure, args.diffusion_gan
+    gan_cfg = args.diffusion_gan
     use_structure, use_gan = struct_cfg.weight > 0, gan_cfg.weight > 0
     channels = model.config.in_channels
     disc_channels, disc_size = channels, model.config.sample_size
@@ -746,10 +746,10 @@ def main(args: argparse.Namespace) -> None:
                     loss_struct, s_stats = structure_denoiser_loss(
                         frozen, struct_in, struct_cfg, struct_labels, gather, accelerator.process_index
                     )
-                    lam = structure_weight_at(global_step, struct_cfg)
-                    if struct_cfg.grad_ratio is not None:  # λ from the gradient norms at the output, capped by weight
-                        lam = lam * adaptive_structure_weight(loss_dsm.mean(), loss_struct.mean(), output, struct_cfg)
-                        lam = lam / struct_cfg.weight
+                    lam = structure_weight_at(global_step, struct_cfg)  # λ, warm-up included
+                    if struct_cfg.grad_ratio is not None:  # warm-up share of the gradient-norm λ (capped by weight)
+                        ratio_lam = adaptive_structure_weight(loss_dsm.mean(), loss_struct.mean(), output, struct_cfg)
+                        lam = lam / struct_cfg.weight * ratio_lam
                     loss = loss + lam * loss_struct.mean()
                     stats.update(loss_struct=loss_struct.detach().mean(), struct_lambda=lam)
                     stats.update(
