@@ -474,12 +474,12 @@ def _embed_pair(
     inputs: StructureInputs,
     config: StructureConfig,
     class_labels: torch.Tensor | None,
-    real=None,
+    real: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Embed real and fake samples in ONE forward, so both see the same network state (spectral-norm power iteration,
     BatchNorm batch): identical inputs then give identical embeddings even in train mode. A noise-conditional encoder
-    gets the level of the inputs (`levels + 1`, 0 = clean) as its timestep.
+    gets the level of the inputs (`levels + 1`, 0 = clean) as its timestep. `real` replaces `inputs.real` (the R1 leaf).
     """
     real = inputs.real if real is None else real
     batch = real.shape[0]
@@ -604,9 +604,8 @@ def structure_discriminator_loss(
     """
     _check_inputs(inputs, gathered=gather is not None)
     inputs = inputs.detach()
-    real = inputs.real.detach().requires_grad_(
-        config.r1_gamma > 0
-    )  # a leaf of its own: the caller's never gets a grad
+    # a leaf of its own, so the caller's tensor never gets a grad
+    real = inputs.real.detach().requires_grad_(config.r1_gamma > 0)
     z_real, z_fake = _embed_pair(discriminator, inputs, config, class_labels, real=real)  # [B, d] each, graph into φ
 
     r1 = None
