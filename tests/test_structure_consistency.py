@@ -10,7 +10,7 @@ floor 1/M of the mean of M draws), and ≫ 1 when the term pulls the denoiser aw
 Measured on seeds 0-5 at M = 600 (t uniform in [200, 600), a random noise-conditional conv encoder, float64):
 DSM 0.7-1.8; 'mmd' (k = 10) 0.65-2.4, with re-noising 0.44-1.5, gated at t < 400 0.9-2.0; 'paired' 17-144, gated at
 t < 400 17-108, with the column fix 21-88 (the fix removes a nuisance, not the bias); 'paired' re-noised to t 2.2-3.3
-(a bias reduced about 40x, not removed). At M = 1600 'paired' grows with M (seed 0: 101 at M = 400, 346 at 1600) while
+(a bias reduced about 40x, not removed). At M = 1600 (`systematic_share` with DRAWS = 1600) 'paired' grows with M (seed 0: 101 at M = 400, 346 at 1600) while
 'mmd' does not (5.0 -> 4.2): its spread is heavy-tailed noise, not a bias. The thresholds below (< 8 consistent,
 > 15 biased) hold on every seed tried; the test runs seeds 0-2.
 """
