@@ -219,14 +219,14 @@ def time_script_arm(train_sadm, arm: str, cfg: dict, args) -> tuple[list[float],
             "--no-use_ema", *SCRIPT_ARMS[arm],
         ]  # fmt: skip
         script_args = train_sadm.parse_args(argv)
-        saved = train_sadm.tqdm, train_sadm.load_train_dataset_from_args
-        train_sadm.tqdm, train_sadm.load_train_dataset_from_args = timer, lambda _: dataset
+        saved = train_sadm.tqdm, train_sadm.load_train_dataset
+        train_sadm.tqdm, train_sadm.load_train_dataset = timer, lambda _: dataset
         try:
             train_sadm.main(script_args)
         except _Finished:
             pass
         finally:
-            train_sadm.tqdm, train_sadm.load_train_dataset_from_args = saved
+            train_sadm.tqdm, train_sadm.load_train_dataset = saved
             memory.__exit__(None, None, None)
     gc.collect()
     return timer.times[args.warmup_steps :], memory.peak

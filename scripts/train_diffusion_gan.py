@@ -37,7 +37,8 @@ from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from tqdm.auto import tqdm
 
 import sadm
-from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
+from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
+from sadm.data import collate_fn, load_train_dataset
 from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
@@ -46,7 +47,7 @@ from sadm.diffusion_gan import (
     diffusion_gan_generator_loss,
     max_p_change,
 )
-from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
@@ -146,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
-    check_eval_args(args, parser)
+    data_config_from_args(args, parser), eval_config_from_args(args, parser)  # validate before any work
     check_optimizer_args(args, parser)
     try:
         args.diffusion_gan = dataclass_from_args(
@@ -313,7 +314,7 @@ def main(args: argparse.Namespace) -> None:
     accumulation = args.gradient_accumulation_steps
 
     # ---- data: the class count and names come from the data and go into the export
-    dataset = load_train_dataset_from_args(args)
+    dataset = load_train_dataset(data_config_from_args(args))
     num_classes, id2label = dataset.num_classes, dataset.id2label
     logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
 
@@ -401,7 +402,9 @@ def main(args: argparse.Namespace) -> None:
         t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
     num_adjustments = diffusion.num_updates // diffusion.ada_interval
     # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
-    evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
+    evaluator = setup_in_training_evaluation(
+        eval_config_from_args(args), dataset, accelerator, args.output_dir, start_step=global_step
+    )
 
     total_batch = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(

@@ -28,14 +28,15 @@ from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from tqdm.auto import tqdm
 
 import sadm
-from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
+from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
+from sadm.data import collate_fn, load_train_dataset
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
     build_adaptive_diffusion,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
 )
-from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
 from sadm.finetune import (
     DEFAULT_LORA_TARGETS,
     LABEL_INITS,
@@ -237,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.resolution <= 0:
         parser.error(f"--resolution must be positive, got {args.resolution}")
-    check_eval_args(args, parser)
+    data_config_from_args(args, parser), eval_config_from_args(args, parser)  # validate before any work
     check_optimizer_args(args, parser)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
@@ -465,7 +466,7 @@ def main(args: argparse.Namespace) -> None:
         args.x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
 
     # ---- data: the class count and names come from the data and go into the export
-    dataset = load_train_dataset_from_args(args)
+    dataset = load_train_dataset(data_config_from_args(args))
     num_classes, id2label = dataset.num_classes, dataset.id2label
     logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
     if vae is not None:
@@ -609,7 +610,9 @@ def main(args: argparse.Namespace) -> None:
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
 
     # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
-    evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
+    evaluator = setup_in_training_evaluation(
+        eval_config_from_args(args), dataset, accelerator, args.output_dir, start_step=global_step
+    )
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(

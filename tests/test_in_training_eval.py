@@ -11,14 +11,8 @@ from helpers import run_script, write_class_folder
 from safetensors.torch import load_file
 
 import sadm  # noqa: F401  registers the pipeline classes
-from sadm.evaluation import (
-    EVAL_HISTORY_NAME,
-    InTrainingEvaluator,
-    RandomConvFeatures,
-    add_eval_args,
-    check_eval_args,
-    load_images_npz,
-)
+from sadm.cli import add_eval_args, eval_config_from_args
+from sadm.evaluation import EVAL_HISTORY_NAME, InTrainingEvaluator, RandomConvFeatures, load_images_npz
 from sadm.metrics import FeatureStatistics
 
 COMMON = ["--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
@@ -89,16 +83,14 @@ def parse(argv):
         parser.add_argument(flag, default=None)
     parser.add_argument("--unconditional", action="store_true")
     add_eval_args(parser)
-    args = parser.parse_args(argv)
-    check_eval_args(args, parser)
-    return args
+    return eval_config_from_args(parser.parse_args(argv), parser)
 
 
 def test_eval_flag_defaults_follow_the_data():
     digits = parse(["--eval_steps", "5"])
-    assert (digits.eval_metrics, digits.eval_feature_network) == ("fid,accuracy", "digits")
+    assert (digits.metrics, digits.feature_network) == (("fid", "accuracy"), "digits")
     folder = parse(["--train_data_dir", "x"])  # eval off: no weights needed
-    assert (folder.eval_metrics, folder.eval_feature_network) == ("fid", "inception")
+    assert (folder.metrics, folder.feature_network) == (("fid",), "inception")
 
 
 @pytest.mark.parametrize(
