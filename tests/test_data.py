@@ -150,3 +150,29 @@ def test_random_flip_depends_only_on_the_key(tmp_path):
     assert 5 < sum(flipped) < 35
     torch.manual_seed(123)  # the global RNG plays no part: a resumed run sees the same augmentation
     assert [bool(ds[key]["pixel_values"][0, 0, 0] < 0) for key in range(40)] == flipped
+
+
+def test_data_flags_defaults_are_the_config_defaults(tmp_path):
+    import argparse
+
+    from sadm.cli import add_data_args, data_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_data_args(parser)
+    assert data_config_from_args(parser.parse_args([])) == DataConfig()
+    with pytest.raises(SystemExit):  # a bad value stops through the parser, naming the flags
+        data_config_from_args(parser.parse_args(["--dataset_name", "a", "--train_data_dir", "b"]), parser)
+    with pytest.raises(ValueError, match="--resolution must be positive, got 0"):
+        DataConfig(resolution=0)
+
+
+def test_deterministic_view_turns_flips_off_and_crops_the_centre(tmp_path):
+    from sadm.evaluation import deterministic_view
+
+    write_class_folder(tmp_path, per_class=2, size=12)
+    ds = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8, random_flip=True))
+    view = deterministic_view(ds)
+    assert (view.random_flip, view.center_crop) == (False, True) and (ds.random_flip, ds.center_crop) == (True, False)
+    assert view.labels == ds.labels and len(view) == len(ds)
+    for key in range(3 * len(ds)):  # the same tensor for every epoch and augmentation seed
+        torch.testing.assert_close(view[key]["pixel_values"], view.pixels(key % len(ds)))

@@ -167,3 +167,28 @@ def test_adm_layout_npz_is_read(tmp_path):
     dataset = load_images_npz(tmp_path / "adm.npz")
     assert len(dataset) == 3 and dataset.labels is None
     assert torch.allclose(dataset[0]["pixel_values"], torch.from_numpy(images[0]).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_eval_config_is_the_one_place_of_defaults_and_checks():
+    from dataclasses import fields
+
+    from sadm.evaluation import EvalConfig
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--dataset_name", "--train_data_dir"):
+        parser.add_argument(flag, default=None)
+    parser.add_argument("--unconditional", action="store_true")
+    add_eval_args(parser)
+    from_flags = eval_config_from_args(parser.parse_args([]))
+    defaults = EvalConfig(on_digits=True)
+    assert from_flags == defaults  # the flags' defaults are the config's
+    for field in fields(EvalConfig):
+        flag = f"--eval_{field.name}"
+        if flag in parser._option_string_actions and field.default is not None:
+            assert parser.get_default(flag[2:]) == field.default, flag
+    # library callers get the same checks, as ValueError
+    with pytest.raises(ValueError, match="--eval_metrics 'fid,is'"):
+        EvalConfig(steps=5, metrics=("fid", "is"), feature_network="random")
+    with pytest.raises(ValueError, match="--eval_metrics accuracy uses the digit classifier"):
+        EvalConfig(steps=5, metrics=("fid", "accuracy"), feature_network="random", on_digits=True, conditional=False)
+    assert EvalConfig(steps=0, metrics=("nonsense",)).metrics == ("nonsense",)  # evaluation off: nothing checked

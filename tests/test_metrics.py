@@ -423,3 +423,37 @@ def test_inception_features_from_a_local_file_and_a_clear_error_without_it(tmp_p
     out = features(torch.rand(2, 1, 16, 16) * 2 - 1)
     assert out.shape == (2, 2048) and torch.isfinite(out).all()
     assert features.identity.startswith("inception_v3_fid_")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_names_directions_and_keys():
+    from sadm.metrics import METRICS, compute_metrics
+
+    assert {name for name, metric in METRICS.items() if metric.higher_is_better} == {
+        "precision",
+        "recall",
+        "is",
+        "accuracy",
+    }
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(40, 6, generator=generator), torch.randn(30, 6, generator=generator) + 0.5
+    reference = FeatureStatistics.from_features(real)
+    reference.features = real
+    samples = {
+        "features": fake,
+        "logits": torch.randn(30, 4, generator=generator),
+        "class_logits": torch.randn(30, 4, generator=generator),
+        "labels": torch.randint(0, 4, (30,), generator=generator),
+    }
+    options = MetricOptions(kid_subsets=3, kid_subset_size=20, is_splits=3)
+    for name, metric in METRICS.items():  # each metric reports exactly its keys
+        assert set(compute_metrics(reference, samples, [name], options)) == set(metric.keys), name
+    results = compute_metrics(reference, samples, list(METRICS), options)
+    assert (results["precision"], results["recall"]) == precision_recall(real, fake, k=3)
+    assert (results["kid_mean"], results["kid_std"]) == kid(real, fake, 3, 20)
+    with pytest.raises(ValueError, match="must be a non-empty list"):
+        compute_metrics(reference, samples, ["fid", "vgg_score"])
+    with pytest.raises(ValueError, match="--pr_k must be >= 1"):
+        MetricOptions(pr_k=0)

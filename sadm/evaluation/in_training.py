@@ -35,7 +35,7 @@ BEST_DIR_NAME = "best"
 BEST_METRICS_NAME = "metrics.json"
 
 
-@dataclass(frozen=True)
+@dataclass
 class EvalConfig:
     """What the training scripts measure while they train, and how (the `--eval_<field>` flags).
 
@@ -77,14 +77,11 @@ class EvalConfig:
     conditional: bool = True
 
     def __post_init__(self):
-        # the data-dependent defaults; frozen, hence object.__setattr__
-        if self.metrics is None:
-            object.__setattr__(
-                self, "metrics", ("fid", "accuracy") if self.on_digits and self.conditional else ("fid",)
-            )
+        if self.metrics is None:  # the data-dependent defaults
+            self.metrics = ("fid", "accuracy") if self.on_digits and self.conditional else ("fid",)
         if self.feature_network is None:
-            object.__setattr__(self, "feature_network", "digits" if self.on_digits else "inception")
-        object.__setattr__(self, "metrics", tuple(self.metrics))
+            self.feature_network = "digits" if self.on_digits else "inception"
+        self.metrics = tuple(self.metrics)
         if self.steps < 0:
             raise ValueError(f"--eval_steps must be >= 0, got {self.steps}.")
         if self.steps == 0:
@@ -96,9 +93,10 @@ class EvalConfig:
             )
         if self.best_metric not in metrics:
             raise ValueError(f"--eval_best_metric {self.best_metric} is not among --eval_metrics {','.join(metrics)}.")
-        if "accuracy" in metrics and not (self.on_digits and self.conditional):
+        judged = [m for m in metrics if METRICS[m].needs == "classifier"]
+        if judged and not (self.on_digits and self.conditional):
             raise ValueError(
-                "--eval_metrics accuracy uses the digit classifier: it needs the embedded digits, class-conditional "
+                f"--eval_metrics {','.join(judged)} uses the digit classifier: it needs the embedded digits, class-conditional "
                 f"(embedded digits: {self.on_digits}, conditional: {self.conditional})."
             )
         min_samples = 4 if {"precision", "recall"} & set(metrics) else 2  # k-NN balls need more than k = 3 samples
@@ -295,7 +293,7 @@ def setup_in_training_evaluation(
             timm_weights=config.timm_weights,
         )
         classifier = None
-        if "accuracy" in config.metrics:
+        if any(METRICS[m].needs == "classifier" for m in config.metrics):  # the digit classifier judges
             digits = feature_network if config.feature_network == "digits" else None
             digits = digits or build_feature_network("digits", dataset.resolution, accelerator)
             classifier = digits.logits
