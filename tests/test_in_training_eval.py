@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import sadm  # noqa: F401  registers the pipeline classes
 from sadm.cli import add_eval_args, eval_config_from_args
-from sadm.evaluation import EVAL_HISTORY_NAME, InTrainingEvaluator, RandomConvFeatures, load_images_npz
+from sadm.evaluation import EVAL_HISTORY_NAME, EvalConfig, InTrainingEvaluator, RandomConvFeatures, load_images_npz
 from sadm.metrics import FeatureStatistics
 
 COMMON = ["--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
@@ -138,8 +138,11 @@ def make_evaluator(tmp_path, best_metric, start_step=0):
     from accelerate import Accelerator
 
     reference = FeatureStatistics.from_features(torch.randn(6, 64, generator=torch.Generator().manual_seed(0)))
+    config = EvalConfig(
+        steps=10, metrics=("fid", "accuracy"), best_metric=best_metric, feature_network="random", on_digits=True
+    )
     return InTrainingEvaluator(
-        str(tmp_path), ["fid", "accuracy"], best_metric, RandomConvFeatures(), reference, Accelerator(cpu=True),
+        config, str(tmp_path), RandomConvFeatures(), reference, Accelerator(cpu=True),
         classifier=lambda images: torch.zeros(images.shape[0], 2), start_step=start_step,
     )  # fmt: skip
 
@@ -171,8 +174,6 @@ def test_adm_layout_npz_is_read(tmp_path):
 
 def test_eval_config_is_the_one_place_of_defaults_and_checks():
     from dataclasses import fields
-
-    from sadm.evaluation import EvalConfig
 
     parser = argparse.ArgumentParser()
     for flag in ("--dataset_name", "--train_data_dir"):

@@ -152,49 +152,37 @@ class InTrainingEvaluator:
     same atomic write.
 
     Args:
+        config (`EvalConfig`): what to measure and how (`metrics`, `best_metric`, `num_samples`, sampling settings).
         output_dir (`str`): the run's output folder.
-        metrics (`list[str]`): from `EVAL_METRICS`.
-        best_metric (`str`): one of `metrics`; `METRICS[best_metric].higher_is_better` says the direction.
         feature_network, classifier, reference: see `evaluate_pipeline`.
         start_step (`int`): the step training starts (resumes) at; history entries after it are dropped, since the
             resumed run recomputes them.
-        num_samples, batch_size, num_inference_steps, guidance_scale, seed: see `evaluate_pipeline`.
     """
 
     def __init__(
         self,
+        config: EvalConfig,
         output_dir: str,
-        metrics: list[str],
-        best_metric: str,
         feature_network: torch.nn.Module,
         reference: FeatureStatistics,
         accelerator: Accelerator,
         classifier: Classifier | None = None,
         start_step: int = 0,
-        num_samples: int = 500,
-        batch_size: int = 64,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
-        seed: int = 0,
     ):
-        if best_metric not in metrics:
-            raise ValueError(f"--eval_best_metric {best_metric} is not among --eval_metrics {metrics}.")
-        check_metrics(metrics, feature_network, classifier)
-        needs_features = [m for m in metrics if METRICS[m].needs == "reference_features"]
+        check_metrics(config.metrics, feature_network, classifier)
+        needs_features = [m for m in config.metrics if METRICS[m].needs == "reference_features"]
         if needs_features and reference.features is None:
             raise ValueError(
                 f"--eval_metrics {needs_features} need reference features, but the reference statistics hold only mean and "
                 "covariance; save them with scripts/evaluate.py --save_reference_stats, or evaluate fid only."
             )
-        self.output_dir, self.metrics, self.best_metric = output_dir, list(metrics), best_metric
+        self.config, self.output_dir = config, output_dir
         self.feature_network, self.reference, self.accelerator, self.classifier = (
             feature_network,
             reference,
             accelerator,
             classifier,
         )
-        self.num_samples, self.batch_size, self.num_inference_steps = num_samples, batch_size, num_inference_steps
-        self.guidance_scale, self.seed = guidance_scale, seed
         self.history_path = os.path.join(output_dir, EVAL_HISTORY_NAME)
         self.best_dir = os.path.join(output_dir, BEST_DIR_NAME)
         self.history: list[dict] = []
@@ -209,14 +197,15 @@ class InTrainingEvaluator:
     @property
     def result_key(self) -> str:
         """The key of `best_metric` in the results (`kid` is reported as `kid_mean`)."""
-        return METRICS[self.best_metric].keys[0]
+        return METRICS[self.config.best_metric].keys[0]
 
     def is_better(self, value: float | None) -> bool:
         if value is None or not math.isfinite(value):
             return False
         if self.best_value is None:
             return True
-        return value > self.best_value if METRICS[self.best_metric].higher_is_better else value < self.best_value
+        higher_is_better = METRICS[self.config.best_metric].higher_is_better
+        return value > self.best_value if higher_is_better else value < self.best_value
 
     def evaluate(self, pipeline, step: int) -> tuple[dict[str, float], bool]:
         """Sample `pipeline`, compute the metrics, record them. Collective.
@@ -226,19 +215,20 @@ class InTrainingEvaluator:
             evaluation on `best_metric` (the caller then exports the pipeline to `best_dir`).
         """
         start = time.perf_counter()
+        config = self.config
         results = evaluate_pipeline(
             pipeline,
             self.reference,
-            self.num_samples,
+            config.num_samples,
             self.feature_network,
-            self.metrics,
+            config.metrics,
             self.accelerator,
-            batch_size=self.batch_size,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            seed=self.seed,
+            batch_size=config.batch_size,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            seed=config.seed,
             classifier=self.classifier,
-            options=MetricOptions(seed=self.seed),
+            options=MetricOptions(seed=config.seed),
         )
         is_best = self.is_better(results[self.result_key])
         if is_best:
@@ -258,13 +248,13 @@ class InTrainingEvaluator:
         record = {
             "step": step,
             **results,
-            "best_metric": self.best_metric,
+            "best_metric": self.config.best_metric,
             "feature_network": self.feature_network.identity,
-            "num_samples": self.num_samples,
+            "num_samples": self.config.num_samples,
             "num_reference": self.reference.num_samples,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "seed": self.seed,
+            "num_inference_steps": self.config.num_inference_steps,
+            "guidance_scale": self.config.guidance_scale,
+            "seed": self.config.seed,
         }
         with open(os.path.join(folder, BEST_METRICS_NAME), "w") as f:
             json.dump(record, f, indent=2)
@@ -309,17 +299,5 @@ def setup_in_training_evaluation(
                 seed=config.seed,
             )
     return InTrainingEvaluator(
-        output_dir,
-        list(config.metrics),
-        config.best_metric,
-        feature_network,
-        reference,
-        accelerator,
-        classifier=classifier,
-        start_step=start_step,
-        num_samples=config.num_samples,
-        batch_size=config.batch_size,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        seed=config.seed,
+        config, output_dir, feature_network, reference, accelerator, classifier=classifier, start_step=start_step
     )
