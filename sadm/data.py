@@ -13,6 +13,7 @@ A source only reads images and labels; `Augmentation` is the one place images be
 
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import logging
@@ -338,7 +339,7 @@ def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: s
     return data
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """The images of a data source, by index, with their labels; no transforms (that is `Augmentation`).
 
     Attributes:
@@ -351,16 +352,16 @@ class ImageSource:
     id2label: dict[int, str] | None = None
     warn_small_images = True
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def load(self, index: int) -> Image.Image:
         """Image `index` as PIL opened it (any mode)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, index: int) -> str:
         """How an error names image `index` (a path, or `dataset[index]`)."""
-        raise NotImplementedError
 
     def size(self, index: int) -> tuple[int, int]:
         """`(width, height)` of image `index`."""
