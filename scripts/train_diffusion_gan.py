@@ -42,16 +42,24 @@ from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
     build_adaptive_diffusion,
+    build_timestep_discriminator,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
     max_p_change,
 )
 from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.frame import (
+    ema_weights,
+    evaluate_and_keep_best,
+    make_adamw,
+    resume_train_state,
+    save_validation_grid,
+    tracker_config,
+)
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
     BadStepCounter,
-    adamw_implementation,
     add_dataclass_args,
     add_training_args,
     assert_finite_parameters,
@@ -60,13 +68,9 @@ from sadm.training import (
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
-    image_grid,
-    load_train_state,
-    log_images,
     make_accelerator,
     make_dataloader,
     register_model_hooks,
-    resolve_resume_path,
     save_checkpoint,
     step_if_finite,
     write_model_card,
@@ -80,7 +84,7 @@ T_HISTORY_NAME = "T_history.json"
 # --diffusion_gan_<field> for every DiffusionGANConfig field but these (`weight` is the DiT trainer's λ_adv)
 DIFFUSION_GAN_PREFIX = "diffusion_gan_"
 DIFFUSION_GAN_RENAME = {"mode": "diffusion"}
-DIFFUSION_GAN_SKIP = ("weight",)
+DIFFUSION_GAN_SKIP = ("weight", "timestep_weighting", "t_threshold")  # the DiT trainer's λ_adv and its gate
 # warn when the whole run cannot move p by more than this (the diffusion would stay near T_min throughout)
 MIN_P_CHANGE = 0.1
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
@@ -109,9 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer / tokens / heads."
     )
     d.add_argument("--disc_num_layers", type=int, default=3, help="Conv layers or ViT blocks of the discriminator.")
-    d.add_argument(
-        "--disc_spectral_norm", action="store_true", help="Spectral norm on every trainable discriminator layer."
-    )
+    d.add_argument("--disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="Spectral norm on every trainable layer of the timestep discriminator.")  # fmt: skip
     d.add_argument(
         "--disc_timm_model_name",
         type=str,
@@ -193,16 +196,14 @@ def p_budget_warning(config: DiffusionGANConfig, total_batch: int, max_train_ste
 def build_discriminator(
     args, config: DiffusionGANConfig, num_channels: int, num_classes: int
 ) -> TimestepDiscriminator:
-    return TimestepDiscriminator(
-        in_channels=num_channels,
-        sample_size=args.resolution,
+    return build_timestep_discriminator(
+        config,
+        num_channels,
+        args.resolution,
+        num_classes,
         trunk=args.disc_trunk,
         base_channels=args.disc_base_channels,
         num_layers=args.disc_num_layers,
-        # the projected trunk gets no t (Diffusion-ProjectedGAN); without diffusion t is always 0
-        t_conditioning=args.disc_trunk != "projected" and config.mode != "none",
-        num_classes=num_classes if num_classes and config.class_conditional_disc else None,
-        max_timesteps=config.t_max,
         spectral_norm=args.disc_spectral_norm,
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
@@ -211,18 +212,16 @@ def build_discriminator(
 
 
 def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(
+    """AdamW (or 8-bit AdamW) with the shared --adam_* weight decay, ε and implementation flags."""
+    return make_adamw(
         params,
-        lr=lr,
-        betas=betas,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **adamw_implementation(args),
+        lr,
+        betas,
+        args.adam_weight_decay,
+        args.adam_epsilon,
+        use_8bit=args.use_8bit_adam,
+        fused=args.adam_fused,
+        foreach=args.adam_foreach,
     )
 
 
@@ -380,23 +379,16 @@ def main(args: argparse.Namespace) -> None:
     unwrapped_discriminator = accelerator.unwrap_model(discriminator)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        tracker_config.update({f"diffusion_gan.{k}": v for k, v in dataclasses.asdict(config).items()})
-        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config)
+        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(vars(args), {"diffusion_gan": config}))
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
-    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        train_state = load_train_state(resume_path)
+    train_state = resume_train_state(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if train_state is not None:
         global_step, bad_steps = train_state["global_step"], train_state.get("bad_steps")
         next_slot = global_step * (ratio + 1)
         first_epoch = next_slot // slots_per_epoch
         skip_batches = (next_slot % slots_per_epoch) * accumulation
-    elif args.resume_from_checkpoint is not None:
-        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
     if not t_history:
         t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
     num_adjustments = diffusion.num_updates // diffusion.ada_interval
@@ -426,50 +418,31 @@ def main(args: argparse.Namespace) -> None:
         return finite
 
     def run_validation(step: int) -> None:
-        if ema is not None:
-            ema.store(unwrapped_generator.parameters())
-            ema.copy_to(unwrapped_generator.parameters())
-        unwrapped_generator.eval()
-        pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-        pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(
-            class_labels=validation_labels(args.num_validation_images, num_classes),
-            batch_size=args.num_validation_images,
-            generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
-            output_type="np",
-        ).images
-        unwrapped_generator.train()
-        if ema is not None:
-            ema.restore(unwrapped_generator.parameters())
-        log_images(accelerator, "validation", images, step)
-        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-        image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+        with ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
+            pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
+            pipeline.set_progress_bar_config(disable=True)
+            images = pipeline(
+                class_labels=validation_labels(args.num_validation_images, num_classes),
+                batch_size=args.num_validation_images,
+                generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
+                output_type="np",
+            ).images
+        save_validation_grid(accelerator, images, args.output_dir, step)
 
     def run_evaluation(step: int) -> None:
         """Measure the EMA generator on every process (sharded, collective), log eval/<metric>, keep the best in best/.
 
         The RNG states are restored afterwards: a run with evaluation trains exactly as one without."""
-        with preserve_rng_state(accelerator):
-            if ema is not None:
-                ema.store(unwrapped_generator.parameters())
-                ema.copy_to(unwrapped_generator.parameters())
-            unwrapped_generator.eval()
+        with preserve_rng_state(accelerator), ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
             pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-            results, is_best = evaluator.evaluate(pipeline, step)
-            if is_best and accelerator.is_main_process:
-                assert_finite_parameters({"generator": unwrapped_generator})
 
-                def write(folder: str) -> None:
-                    pipeline.save_pretrained(folder)
-                    copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
-                    evaluator.write_best_metrics(folder, step, results)
+            def write_best(folder: str) -> None:
+                pipeline.save_pretrained(folder)
+                copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
 
-                atomic_save_pretrained(evaluator.best_dir, write)
-            unwrapped_generator.train()
-            if ema is not None:
-                ema.restore(unwrapped_generator.parameters())
-        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+            evaluate_and_keep_best(
+                accelerator, evaluator, step, pipeline, write_best, {"generator": unwrapped_generator}
+            )
         accelerator.wait_for_everyone()
 
     # ---- loop
