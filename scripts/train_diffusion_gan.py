@@ -59,6 +59,7 @@ from sadm.frame import (
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
+    HelpFormatter,
     BadStepCounter,
     add_dataclass_args,
     add_training_args,
@@ -91,7 +92,7 @@ MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     add_training_args(parser)
     # GAN defaults for the generator's optimizer (StyleGAN2: Adam β = (0, 0.99), no clipping) and a GAN-scale EMA
@@ -152,12 +153,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_eval_args(args, parser)
     check_optimizer_args(args, parser)
     try:
-        args.diffusion_gan = dataclass_from_args(
-            DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
-        )
+        diffusion_gan_config(args)
     except ValueError as error:
         parser.error(diffusion_gan_flag_error(error))
     return args
+
+
+def diffusion_gan_config(args: argparse.Namespace) -> DiffusionGANConfig:
+    """The effective `DiffusionGANConfig` of the flags (`args` itself is never changed)."""
+    return dataclass_from_args(
+        DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
+    )
 
 
 def diffusion_gan_flag_error(error: ValueError) -> str:
@@ -307,7 +313,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    config: DiffusionGANConfig = args.diffusion_gan
+    config = diffusion_gan_config(args)  # validated by parse_args
     ratio = config.disc_update_ratio
     accumulation = args.gradient_accumulation_steps
 
@@ -351,19 +357,20 @@ def main(args: argparse.Namespace) -> None:
     )
     # an optimizer-step slot = `accumulation` micro-batches; a cycle = `ratio` D slots then one G slot
     slots_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / accumulation)
-    if args.max_train_steps is None:
-        args.max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
+    max_train_steps = args.max_train_steps  # derived values stay out of `args`
+    if max_train_steps is None:
+        max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
     g_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=g_optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     d_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=d_optimizer,
         num_warmup_steps=args.lr_warmup_steps * ratio * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * ratio * accelerator.num_processes,
+        num_training_steps=max_train_steps * ratio * accelerator.num_processes,
     )
     generator, discriminator, g_optimizer, d_optimizer, train_dataloader, g_lr_scheduler, d_lr_scheduler = (
         accelerator.prepare(
@@ -374,12 +381,13 @@ def main(args: argparse.Namespace) -> None:
     t_history: list[list[float]] = []  # [generator step, p, T, r_d] at the start and after each adjustment of p
     register_diffusion_hooks(accelerator, diffusion, t_history)
     slots_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    num_epochs = math.ceil(args.max_train_steps * (ratio + 1) / slots_per_epoch)
+    num_epochs = math.ceil(max_train_steps * (ratio + 1) / slots_per_epoch)
     unwrapped_generator = accelerator.unwrap_model(generator)
     unwrapped_discriminator = accelerator.unwrap_model(discriminator)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(vars(args), {"diffusion_gan": config}))
+        effective = {**vars(args), "max_train_steps": max_train_steps}
+        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(effective, {"diffusion_gan": config}))
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
@@ -397,14 +405,14 @@ def main(args: argparse.Namespace) -> None:
 
     total_batch = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(
-        f"Generator steps {args.max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
+        f"Generator steps {max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
         f"epochs {num_epochs}, starting at step {global_step}"
     )
-    budget_warning = p_budget_warning(config, total_batch, args.max_train_steps)
+    budget_warning = p_budget_warning(config, total_batch, max_train_steps)
     if budget_warning is not None:
         logger.warning(budget_warning)
     progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
@@ -517,7 +525,7 @@ def main(args: argparse.Namespace) -> None:
             progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
                 save_checkpoint(
                     accelerator,
@@ -530,9 +538,9 @@ def main(args: argparse.Namespace) -> None:
                 run_validation(global_step)
             if args.eval_steps and global_step % args.eval_steps == 0:
                 run_evaluation(global_step)  # on every process
-            if global_step >= args.max_train_steps:
+            if global_step >= max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= max_train_steps:
             break
 
     # ---- export: a pipeline folder with EMA weights, discriminator/, T.png, a model card and a pipeline.py

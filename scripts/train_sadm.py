@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from accelerate.logging import get_logger
@@ -70,6 +71,7 @@ from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
 from sadm.training import (
+    HelpFormatter,
     BadStepCounter,
     add_dataclass_args,
     add_training_args,
@@ -90,7 +92,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     add_training_args(parser)
     g = parser.add_argument_group("model")
@@ -130,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--class_dropout_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance (DiT: 0.1)."
     )
-    g.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    g.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"],
+                   help="What the DiT regresses: ε (DiT), v or x₀.")  # fmt: skip
     g.add_argument(
         "--snr_gamma", type=float, default=None, help="Min-SNR-γ loss weighting (5.0 recommended); off by default."
     )
@@ -199,9 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Warm-start the structure discriminator from a saved one (e.g. a previous export's discriminator/).")  # fmt: skip
     d.add_argument("--disc_learning_rate", type=float, default=2e-4, help="Discriminators' learning rate.")
     d.add_argument("--disc_adam_beta1", type=float, default=0.5, help="GAN practice: β1 = 0.5.")
-    d.add_argument("--disc_adam_beta2", type=float, default=0.999)
-    d.add_argument("--disc_adam_weight_decay", type=float, default=0.0)
-    d.add_argument("--disc_adam_epsilon", type=float, default=1e-8)
+    d.add_argument("--disc_adam_beta2", type=float, default=0.999, help="Discriminators' Adam β2.")
+    d.add_argument("--disc_adam_weight_decay", type=float, default=0.0, help="Discriminators' weight decay.")
+    d.add_argument("--disc_adam_epsilon", type=float, default=1e-8, help="Discriminators' Adam ε.")
     # Diffusion-GAN term: DiffusionGANConfig fields as --diffusion_gan_* flags (λ_adv is --gan_loss_weight)
     add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", GAN_FLAGS)
     d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected"], help="Timestep discriminator trunk.")  # fmt: skip
@@ -245,45 +248,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.lora_rank < 1:
         parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
-    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
     if args.trainable == "lora":
         try:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--trainable lora needs peft (`pip install peft`), which is not importable here.")
-    if args.learning_rate is None:  # the paper's 1e-4 for real DiTs; the tiny CPU preset needs more (docs/DIGITS.md)
-        tiny = (
-            args.model == "tiny"
-            and args.pretrained_model_name_or_path is None
-            and args.model_config_name_or_path is None
-        )
-        args.learning_rate = 1e-3 if tiny else 1e-4
-        if args.trainable != "full":  # DiffFit (arXiv 2304.06648) and common LoRA practice: 10x the full-tuning LR
-            args.learning_rate *= 10
     try:  # validate the method configs before any work is done
-        args.structure = dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS)
-        args.diffusion_gan = dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS)
+        run = run_config(args)
     except ValueError as error:
         parser.error(str(error))
     # Both adversarial terms are opt-in (λ = 0 in their configs): on the digits benchmark (docs/BENCHMARKS.md, 3 seeds)
     # SADM's 'paired' loss doubled digits-FID against DSM-only from scratch and was neutral when fine-tuning; the
     # Diffusion-GAN term was neutral from scratch and helped modestly when fine-tuning.
-    ratios = (args.structure.disc_update_ratio, args.diffusion_gan.disc_update_ratio)
+    ratios = (run.structure.disc_update_ratio, run.diffusion_gan.disc_update_ratio)
     if args.gradient_accumulation_steps > 1 and max(ratios) > 1:
         parser.error(
             "--disc_update_ratio > 1 needs --gradient_accumulation_steps 1 (each extra step reuses the micro-batch)."
         )
-    if args.structure.weight > 0 and args.structure.scope == "local" and args.train_batch_size < 2:
+    if run.structure.weight > 0 and run.structure.scope == "local" and args.train_batch_size < 2:
         parser.error(
             "--structure_loss_weight > 0 needs --train_batch_size >= 2 (relations need pairs) or --structure_scope global."
         )
-    if args.structure.weight > 0:
+    if run.structure.weight > 0:
         try:
-            args.structure.check_schedule(args.num_train_timesteps)
+            run.structure.check_schedule(args.num_train_timesteps)
         except ValueError as error:
             parser.error(f"--structure_*: {error}")
-        min_active, local = args.structure.min_active, args.structure.scope == "local"
-        if args.structure.uses_active_subbatch and local and args.train_batch_size < min_active:
+        min_active, local = run.structure.min_active, run.structure.scope == "local"
+        if run.structure.uses_active_subbatch and local and args.train_batch_size < min_active:
             parser.error(
                 f"--train_batch_size {args.train_batch_size} is smaller than --structure_min_active {min_active}: the "
                 "active sub-batch of --structure_formulation mmd / --structure_columns active could never be large "
@@ -291,6 +283,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
 
     return args
+
+
+class RunConfig(NamedTuple):
+    """What the flags resolve to before any data or model is read (`args` itself is never changed).
+
+    Args:
+        structure ([`StructureConfig`]): the SADM term's effective config.
+        diffusion_gan ([`DiffusionGANConfig`]): the Diffusion-GAN term's, its preset resolved.
+        learning_rate (`float`): --learning_rate, or its default for this model and --trainable.
+        lora_target_modules (`tuple[str, ...]`): the parsed --lora_target_modules.
+    """
+
+    structure: StructureConfig
+    diffusion_gan: DiffusionGANConfig
+    learning_rate: float
+    lora_target_modules: tuple[str, ...]
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Resolve the flags into a [`RunConfig`]; a bad method option raises `ValueError` naming it."""
+    learning_rate = args.learning_rate
+    if learning_rate is None:  # the paper's 1e-4 for real DiTs; the tiny CPU preset needs more (docs/DIGITS.md)
+        tiny = (
+            args.model == "tiny"
+            and args.pretrained_model_name_or_path is None
+            and args.model_config_name_or_path is None
+        )
+        learning_rate = 1e-3 if tiny else 1e-4
+        if args.trainable != "full":  # DiffFit (arXiv 2304.06648) and common LoRA practice: 10x the full-tuning LR
+            learning_rate *= 10
+    return RunConfig(
+        structure=dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS),
+        diffusion_gan=dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS),
+        learning_rate=learning_rate,
+        lora_target_modules=tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip()),
+    )
 
 
 # flag names of config fields that do not follow the prefix rule
@@ -311,14 +339,16 @@ LABEL_SPREAD_STEPS = 100
 
 def build_model(
     args,
+    learning_rate: float,
     num_channels: int,
     num_classes: int,
     id2label: dict[int, str] | None = None,
     vae: AutoencoderKL | None = None,
     vae_source: str | None = None,
-) -> DiTTransformer2DModel:
+) -> tuple[DiTTransformer2DModel, float | None]:
     """The denoiser: pretrained (components checked by `pretrained_components`, label table remapped to the data's
-    classes with --label_init), from a config, or a preset; on the VAE's latents when there is a VAE, else on pixels."""
+    classes with --label_init), from a config, or a preset; on the VAE's latents when there is a VAE, else on pixels.
+    Returns it and the learning rate of its label tables (None: the weights' rate)."""
     if args.pretrained_model_name_or_path is not None:
         model = DiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer")
         source = f"{args.pretrained_model_name_or_path}/transformer"
@@ -332,28 +362,29 @@ def build_model(
                 f"--model {args.model} has patch size {patch}, which does not divide the {latent_size}x{latent_size} "
                 f"latents of {describe_latents(vae_source, vae, args.resolution)}."
             )
-        return build_dit(args.model, latent_size, vae.config.latent_channels, num_classes, args.learn_sigma)
+        return build_dit(args.model, latent_size, vae.config.latent_channels, num_classes, args.learn_sigma), None
     else:
-        return build_dit(args.model, args.resolution, num_channels, num_classes, args.learn_sigma)
+        return build_dit(args.model, args.resolution, num_channels, num_classes, args.learn_sigma), None
     if vae is not None:
         check_transformer_fits_latents(model, vae, vae_source, args.resolution, source)
     else:
         check_dit_fits(model, args.resolution, num_channels, source)
     old_id2label = pretrained_id2label(args.pretrained_model_name_or_path)
+    label_learning_rate = args.label_learning_rate
     if args.label_init is not None and model.config.num_embeds_ada_norm > 1:
         # Adam moves a coordinate by ≲ LR per step: new rows need ~spread / LR steps to lie as far apart as the old ones
         spread = label_spread(model)
-        if args.label_learning_rate is None:  # identical rows (spread 0) give no scale: the weights' LR then
-            args.label_learning_rate = spread / LABEL_SPREAD_STEPS if spread > 0 else args.learning_rate
+        if label_learning_rate is None:  # identical rows (spread 0) give no scale: the weights' LR then
+            label_learning_rate = spread / LABEL_SPREAD_STEPS if spread > 0 else learning_rate
         logger.info(
-            f"New label tables at LR {args.label_learning_rate:.3g}: the pretrained class rows differ by {spread:.3g} "
-            f"per coordinate (std), ~{spread / args.label_learning_rate:.0f} steps for the new rows to spread as far "
+            f"New label tables at LR {label_learning_rate:.3g}: the pretrained class rows differ by {spread:.3g} "
+            f"per coordinate (std), ~{spread / label_learning_rate:.0f} steps for the new rows to spread as far "
             "(--label_learning_rate; docs/FINETUNING.md)"
         )
     model = relabel_for_data(
         model, num_classes, id2label, args.label_init, args.label_map, old_id2label, args.seed, source
     )
-    return disable_label_dropout(model)
+    return disable_label_dropout(model), label_learning_rate
 
 
 def build_structure_discriminator(
@@ -446,14 +477,16 @@ def main(
     vae, vae_source = load_vae(args.vae_name_or_path, args.pretrained_model_name_or_path, components)
     if vae is None and args.cache_latents:
         raise ValueError("--cache_latents needs a VAE: --vae_name_or_path, or a pretrained pipeline with a vae/.")
-    struct_cfg = args.structure
+    run = run_config(args)  # validated by parse_args
+    struct_cfg, gan_cfg = run.structure, run.diffusion_gan
     if vae is not None and args.disc_input == "pixel" and struct_cfg.weight > 0 and struct_cfg.noise_conditional:
         raise ValueError(
             "--structure_formulation mmd and --structure_renoise_offset diffuse the samples in the denoiser's (latent) "
             "space: use --disc_input latent with a VAE."
         )
-    if args.x0_clip is None:  # pixels lie in [-1, 1]; latents have no fixed range
-        args.x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
+    x0_clip = args.x0_clip
+    if x0_clip is None:  # pixels lie in [-1, 1]; latents have no fixed range
+        x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
 
     # ---- data: the class count and names come from the data and go into the export
     if dataset is None:
@@ -466,8 +499,10 @@ def main(
         vae.to(accelerator.device)
 
     # ---- models, optimizer, EMA
-    model = build_model(args, dataset.num_channels, num_classes, id2label, vae, vae_source)
-    model = setup_trainable(model, args.trainable, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    model, label_learning_rate = build_model(
+        args, run.learning_rate, dataset.num_channels, num_classes, id2label, vae, vae_source
+    )
+    model = setup_trainable(model, args.trainable, args.lora_rank, args.lora_alpha, list(run.lora_target_modules))
     trained_params = trainable_parameters(model)  # the same tensors after prepare/compile: EMA, swaps and export
     num_trained = sum(p.numel() for p in trained_params)
     num_params = sum(p.numel() for p in model.parameters())
@@ -517,8 +552,8 @@ def main(
         ema.to(accelerator.device)
 
     optimizer = make_adamw(
-        optimizer_param_groups(model, args.label_learning_rate),
-        args.learning_rate,
+        optimizer_param_groups(model, label_learning_rate),
+        run.learning_rate,
         (args.adam_beta1, args.adam_beta2),
         args.adam_weight_decay,
         args.adam_epsilon,
@@ -529,7 +564,6 @@ def main(
 
     # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
     # (each term owns its discriminator, optimizer, checkpoint state and statistics: sadm/terms.py)
-    gan_cfg = args.diffusion_gan
     disc_channels, disc_size = model.config.in_channels, model.config.sample_size
     if vae is not None and args.disc_input == "pixel":  # the discriminators see decoded images
         disc_channels, disc_size = dataset.num_channels, args.resolution
@@ -570,14 +604,15 @@ def main(
         train_set, args.train_batch_size, args.seed, args.dataloader_num_workers, collate
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    max_train_steps = args.max_train_steps  # derived values stay out of `args`
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
@@ -594,7 +629,9 @@ def main(
 
     if accelerator.is_main_process:
         configs = {"structure": struct_cfg, "diffusion_gan": gan_cfg}  # the effective method configs
-        accelerator.init_trackers("sadm", config=tracker_config(vars(args), configs))
+        effective = {**vars(args), "learning_rate": run.learning_rate, "max_train_steps": max_train_steps}
+        effective["x0_clip"] = x0_clip
+        accelerator.init_trackers("sadm", config=tracker_config(effective, configs))
 
     # ---- resume
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
@@ -613,10 +650,10 @@ def main(
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"Steps {args.max_train_steps}, total batch {total_batch}, epochs {num_epochs}, starting at step {global_step}"
+        f"Steps {max_train_steps}, total batch {total_batch}, epochs {num_epochs}, starting at step {global_step}"
     )
     progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
 
     def run_validation(step: int) -> None:
@@ -658,7 +695,7 @@ def main(
         GuardedOptimizerStep(accelerator, args.max_grad_norm, bad_steps),
         vae=vae,
         decode_for_discriminators=vae is not None and args.disc_input == "pixel",
-        x0_clip=args.x0_clip,
+        x0_clip=x0_clip,
         seed=args.seed,
         per_sample_noise=args.per_sample_noise,
     )
@@ -680,7 +717,7 @@ def main(
                 progress.update(1)
                 if on_step is not None:
                     on_step(global_step)
-                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                     names = list(stats)
                     values = torch.stack(
                         [
@@ -701,7 +738,7 @@ def main(
                     progress.set_postfix(postfix)
                     accelerator.log(logs, step=global_step)
 
-                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                     named = {"transformer": accelerator.unwrap_model(model)}
                     named.update({term.model_name: term.unwrapped for term in terms})
                     assert_finite_parameters(named)
@@ -719,9 +756,9 @@ def main(
                     run_validation(global_step)
                 if args.eval_steps and global_step % args.eval_steps == 0:
                     run_evaluation(global_step)  # on every process
-            if global_step >= args.max_train_steps:
+            if global_step >= max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= max_train_steps:
             break
 
     # ---- export: a pipeline folder with EMA weights, a model card and a pipeline.py
