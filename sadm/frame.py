@@ -69,6 +69,11 @@ def ema_weights(ema, parameters: Iterable[torch.nn.Parameter], model: torch.nn.M
             ema.restore(parameters)
 
 
+def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
+    """Class labels of a validation grid, cycling through the classes (None for unlabeled data)."""
+    return [i % num_classes for i in range(num_images)] if num_classes else None
+
+
 def save_validation_grid(accelerator: Accelerator, images: np.ndarray, output_dir: str, step: int) -> str:
     """Log float NHWC images to the trackers and write them as `<output_dir>/validation/step-NNNNNNN.png`."""
     log_images(accelerator, "validation", images, step)

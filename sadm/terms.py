@@ -28,7 +28,7 @@ from torch import nn
 
 from .diffusion_augment import AdaptiveDiffusion
 from .diffusion_gan import DiffusionGANConfig, diffusion_gan_discriminator_loss, diffusion_gan_generator_loss
-from .losses.structure import structure_timestep_weights
+from .losses.structure import timestep_weights
 from .objective import DenoisingResult, NoisedBatch
 from .structure import (
     StructureConfig,
@@ -288,7 +288,7 @@ class DiffusionGANTerm(AdversarialTerm):
     def generator_loss(self, batch: AdversarialBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         cfg = self.config
         frozen = self.unwrapped.requires_grad_(False)
-        self.weights = structure_timestep_weights(
+        self.weights = timestep_weights(
             batch.noised.timesteps, batch.alphas_cumprod, cfg.timestep_weighting, t_threshold=cfg.t_threshold
         )  # [B]
         loss_g, g_stats = diffusion_gan_generator_loss(

@@ -476,7 +476,10 @@ def copy_pipeline_file(source_file: str, output_dir: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------- images
 def image_grid(images: np.ndarray, rows: int | None = None, padding: int = 1) -> Image.Image:
-    """Float NHWC images in [0, 1] -> one PIL grid with `padding` mid-grey pixels between cells."""
+    """Float NHWC images in [0, 1] -> one PIL grid with `padding` mid-grey pixels between cells.
+
+    Not `diffusers.utils.make_image_grid`: that one butts the cells together, and 8x8 digits are unreadable without the
+    grey lines between them (it also needs rows x cols == n, where this fills the last row partially)."""
     n, h, w, c = images.shape
     rows = rows or int(math.ceil(math.sqrt(n)))
     cols = int(math.ceil(n / rows))

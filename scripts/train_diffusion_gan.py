@@ -55,6 +55,7 @@ from sadm.frame import (
     resume_train_state,
     save_validation_grid,
     tracker_config,
+    validation_labels,
 )
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
@@ -302,10 +303,6 @@ def plot_T(history: list[list[float]], config: DiffusionGANConfig, path: str) ->
 def mean(values: list[float | torch.Tensor]) -> float:
     """Mean of logged statistics (0-d tensors are synced to the host here, once per logged value)."""
     return float(sum(values) / len(values)) if values else math.nan
-
-
-def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
-    return [i % num_classes for i in range(num_images)] if num_classes else None
 
 
 def main(args: argparse.Namespace) -> None:

@@ -51,6 +51,7 @@ from sadm.frame import (
     resume_train_state,
     save_validation_grid,
     tracker_config,
+    validation_labels,
 )
 from sadm.latents import (
     build_latent_cache,
@@ -449,10 +450,6 @@ DIT_PIPELINE_NOTE = (
     "- diffusers' `DiTPipeline` samples it as it is: `DiTPipeline.from_pretrained('PATH')` (with the fixed variance of "
     "the saved scheduler); guidance_scale > 1 needs 1000 classes there (this model's null class is {null_class})."
 )
-
-
-def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
-    return [i % num_classes for i in range(num_images)] if num_classes else None
 
 
 def main(
