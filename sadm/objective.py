@@ -20,9 +20,10 @@ from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .losses import denoising_loss, predict_x0, training_target, vlb_loss
+from .losses.denoising import PARAMETERIZATIONS
 from .training import draw_timesteps, draw_uniform
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = tuple(PARAMETERIZATIONS)
 
 
 @dataclass
