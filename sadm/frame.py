@@ -123,6 +123,28 @@ def evaluate_and_keep_best(
     return results
 
 
+def run_periodic_jobs(
+    accelerator: Accelerator,
+    step: int,
+    validation_steps: int,
+    run_validation: Callable[[int], None],
+    eval_steps: int,
+    run_evaluation: Callable[[int], None],
+) -> None:
+    """After optimizer step `step`: the validation grid every `validation_steps` (main process only) and the
+    in-training evaluation every `eval_steps` (on every process: it is collective); 0 disables either."""
+    if validation_steps and step % validation_steps == 0 and accelerator.is_main_process:
+        run_validation(step)
+    if eval_steps and step % eval_steps == 0:
+        run_evaluation(step)
+
+
+def export_pipeline(output_dir: str, write: Callable[[str], None]) -> None:
+    """Write the final export into `output_dir` atomically (see `atomic_save_pretrained`) and say where it is."""
+    atomic_save_pretrained(output_dir, write)
+    logger.info(f"Pipeline written to {output_dir}")
+
+
 def tracker_config(flags: dict, configs: dict[str, object]) -> dict[str, int | float | str | bool]:
     """What the trackers record: every scalar flag, and every field of the effective method configs as
     `<name>.<field>` (None as the string 'None', which TensorBoard's hparams accept)."""

@@ -116,6 +116,34 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The validation-grid flags of every training script; returns the group for a script's own validation flags."""
+    v = parser.add_argument_group("validation")
+    v.add_argument(
+        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
+    )
+    v.add_argument(
+        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
+    )
+    return v
+
+
+def adamw_from_flags(args: argparse.Namespace, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """`sadm.frame.make_adamw` with the shared --adam_weight_decay, --adam_epsilon and implementation flags."""
+    from .frame import make_adamw
+
+    return make_adamw(
+        params,
+        lr,
+        betas,
+        args.adam_weight_decay,
+        args.adam_epsilon,
+        use_8bit=args.use_8bit_adam,
+        fused=args.adam_fused,
+        foreach=args.adam_foreach,
+    )
+
+
 def check_optimizer_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The AdamW implementation flags exclude each other (and bitsandbytes' 8-bit AdamW has neither)."""
     chosen = [flag for flag in ("use_8bit_adam", "adam_fused", "adam_foreach") if getattr(args, flag)]

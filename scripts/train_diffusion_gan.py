@@ -51,8 +51,9 @@ from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, 
 from sadm.frame import (
     ema_weights,
     evaluate_and_keep_best,
-    make_adamw,
+    export_pipeline,
     resume_train_state,
+    run_periodic_jobs,
     save_validation_grid,
     tracker_config,
     validation_labels,
@@ -60,12 +61,13 @@ from sadm.frame import (
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
-    HelpFormatter,
     BadStepCounter,
+    HelpFormatter,
+    adamw_from_flags,
     add_dataclass_args,
     add_training_args,
+    add_validation_args,
     assert_finite_parameters,
-    atomic_save_pretrained,
     check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
@@ -135,13 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(
         parser, DiffusionGANConfig, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
     )
-    v = parser.add_argument_group("validation")
-    v.add_argument(
-        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
-    )
-    v.add_argument(
-        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
-    )
+    add_validation_args(parser)
     add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
     args = parser.parse_args(argv)
 
@@ -215,20 +211,6 @@ def build_discriminator(
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
         timm_input_size=args.disc_timm_input_size,
-    )
-
-
-def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """AdamW (or 8-bit AdamW) with the shared --adam_* weight decay, ε and implementation flags."""
-    return make_adamw(
-        params,
-        lr,
-        betas,
-        args.adam_weight_decay,
-        args.adam_epsilon,
-        use_8bit=args.use_8bit_adam,
-        fused=args.adam_fused,
-        foreach=args.adam_foreach,
     )
 
 
@@ -346,8 +328,12 @@ def main(args: argparse.Namespace) -> None:
 
     # the trainable discriminator parameters: the projected trunk's backbone stays frozen throughout
     d_params = [p for p in discriminator.parameters() if p.requires_grad]
-    g_optimizer = make_optimizer(args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2))
-    d_optimizer = make_optimizer(args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2))
+    g_optimizer = adamw_from_flags(
+        args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2)
+    )
+    d_optimizer = adamw_from_flags(
+        args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2)
+    )
 
     train_dataloader = make_dataloader(
         dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
@@ -531,10 +517,9 @@ def main(args: argparse.Namespace) -> None:
                     {"epoch": epoch, "bad_steps": bad_steps.state_dict()},
                     args.checkpoints_total_limit,
                 )
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(global_step)
-            if args.eval_steps and global_step % args.eval_steps == 0:
-                run_evaluation(global_step)  # on every process
+            run_periodic_jobs(
+                accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
+            )
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -581,8 +566,7 @@ def main(args: argparse.Namespace) -> None:
                 loads_without_sadm=False,
             )
 
-        atomic_save_pretrained(args.output_dir, write)
-        logger.info(f"Pipeline written to {args.output_dir}")
+        export_pipeline(args.output_dir, write)
     accelerator.end_training()
 
 

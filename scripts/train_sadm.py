@@ -47,8 +47,10 @@ from sadm.finetune import (
 from sadm.frame import (
     ema_weights,
     evaluate_and_keep_best,
+    export_pipeline,
     make_adamw,
     resume_train_state,
+    run_periodic_jobs,
     save_validation_grid,
     tracker_config,
     validation_labels,
@@ -72,12 +74,13 @@ from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
 from sadm.training import (
-    HelpFormatter,
     BadStepCounter,
+    HelpFormatter,
+    adamw_from_flags,
     add_dataclass_args,
     add_training_args,
+    add_validation_args,
     assert_finite_parameters,
-    atomic_save_pretrained,
     check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
@@ -169,13 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (scale α/r); default: the rank.")
     f.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGETS),
                    help="Comma-separated module-name suffixes that get LoRA adapters (default: attention q/k/v/out, MLP).")  # fmt: skip
-    v = parser.add_argument_group("validation")
-    v.add_argument(
-        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
-    )
-    v.add_argument(
-        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
-    )
+    v = add_validation_args(parser)
     v.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale for validation images.")
     v.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps for validation images.")
     v.add_argument("--logging_steps", type=int, default=10, help="Log scalars (one host sync) every N steps.")
@@ -548,15 +545,8 @@ def main(
         )
         ema.to(accelerator.device)
 
-    optimizer = make_adamw(
-        optimizer_param_groups(model, label_learning_rate),
-        run.learning_rate,
-        (args.adam_beta1, args.adam_beta2),
-        args.adam_weight_decay,
-        args.adam_epsilon,
-        use_8bit=args.use_8bit_adam,
-        fused=args.adam_fused,
-        foreach=args.adam_foreach,
+    optimizer = adamw_from_flags(
+        args, optimizer_param_groups(model, label_learning_rate), run.learning_rate, (args.adam_beta1, args.adam_beta2)
     )
 
     # ---- adversarial players: the structure discriminator (SADM) and the timestep discriminator (Diffusion-GAN)
@@ -749,10 +739,9 @@ def main(
                         train_state,
                         args.checkpoints_total_limit,
                     )
-                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    run_validation(global_step)
-                if args.eval_steps and global_step % args.eval_steps == 0:
-                    run_evaluation(global_step)  # on every process
+                run_periodic_jobs(
+                    accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
+                )
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -791,8 +780,7 @@ def main(
                 ],
             )
 
-        atomic_save_pretrained(args.output_dir, write)
-        logger.info(f"Pipeline written to {args.output_dir}")
+        export_pipeline(args.output_dir, write)
     accelerator.end_training()
 
 
