@@ -32,8 +32,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from sadm.pipelines import pipeline_diffusion_gan
-from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from tqdm.auto import tqdm
 
 import sadm
@@ -43,31 +41,41 @@ from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
     build_adaptive_diffusion,
+    build_timestep_discriminator,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
     max_p_change,
 )
 from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
+from sadm.frame import (
+    ema_weights,
+    evaluate_and_keep_best,
+    export_pipeline,
+    resume_train_state,
+    run_periodic_jobs,
+    save_validation_grid,
+    tracker_config,
+    validation_labels,
+)
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
+from sadm.pipelines import pipeline_diffusion_gan
+from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from sadm.training import (
     BadStepCounter,
-    adamw_implementation,
+    HelpFormatter,
+    adamw_from_flags,
     add_dataclass_args,
     add_training_args,
+    add_validation_args,
     assert_finite_parameters,
-    atomic_save_pretrained,
     check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
-    image_grid,
-    load_train_state,
-    log_images,
     make_accelerator,
     make_dataloader,
     register_model_hooks,
-    resolve_resume_path,
     save_checkpoint,
     step_if_finite,
     write_model_card,
@@ -81,14 +89,14 @@ T_HISTORY_NAME = "T_history.json"
 # --diffusion_gan_<field> for every DiffusionGANConfig field but these (`weight` is the DiT trainer's λ_adv)
 DIFFUSION_GAN_PREFIX = "diffusion_gan_"
 DIFFUSION_GAN_RENAME = {"mode": "diffusion"}
-DIFFUSION_GAN_SKIP = ("weight",)
+DIFFUSION_GAN_SKIP = ("weight", "timestep_weighting", "t_threshold")  # the DiT trainer's λ_adv and its gate
 # warn when the whole run cannot move p by more than this (the diffusion would stay near T_min throughout)
 MIN_P_CHANGE = 0.1
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     add_training_args(parser)
     # GAN defaults for the generator's optimizer (StyleGAN2: Adam β = (0, 0.99), no clipping) and a GAN-scale EMA
@@ -110,9 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer / tokens / heads."
     )
     d.add_argument("--disc_num_layers", type=int, default=3, help="Conv layers or ViT blocks of the discriminator.")
-    d.add_argument(
-        "--disc_spectral_norm", action="store_true", help="Spectral norm on every trainable discriminator layer."
-    )
+    d.add_argument("--disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="Spectral norm on every trainable layer of the timestep discriminator.")  # fmt: skip
     d.add_argument(
         "--disc_timm_model_name",
         type=str,
@@ -131,13 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(
         parser, DiffusionGANConfig, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
     )
-    v = parser.add_argument_group("validation")
-    v.add_argument(
-        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
-    )
-    v.add_argument(
-        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
-    )
+    add_validation_args(parser)
     add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
     args = parser.parse_args(argv)
 
@@ -150,12 +151,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data_config_from_args(args, parser), eval_config_from_args(args, parser)  # validate before any work
     check_optimizer_args(args, parser)
     try:
-        args.diffusion_gan = dataclass_from_args(
-            DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
-        )
+        diffusion_gan_config(args)
     except ValueError as error:
         parser.error(diffusion_gan_flag_error(error))
     return args
+
+
+def diffusion_gan_config(args: argparse.Namespace) -> DiffusionGANConfig:
+    """The effective `DiffusionGANConfig` of the flags (`args` itself is never changed)."""
+    return dataclass_from_args(
+        DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
+    )
 
 
 def diffusion_gan_flag_error(error: ValueError) -> str:
@@ -194,36 +200,18 @@ def p_budget_warning(config: DiffusionGANConfig, total_batch: int, max_train_ste
 def build_discriminator(
     args, config: DiffusionGANConfig, num_channels: int, num_classes: int
 ) -> TimestepDiscriminator:
-    return TimestepDiscriminator(
-        in_channels=num_channels,
-        sample_size=args.resolution,
+    return build_timestep_discriminator(
+        config,
+        num_channels,
+        args.resolution,
+        num_classes,
         trunk=args.disc_trunk,
         base_channels=args.disc_base_channels,
         num_layers=args.disc_num_layers,
-        # the projected trunk gets no t (Diffusion-ProjectedGAN); without diffusion t is always 0
-        t_conditioning=args.disc_trunk != "projected" and config.mode != "none",
-        num_classes=num_classes if num_classes and config.class_conditional_disc else None,
-        max_timesteps=config.t_max,
         spectral_norm=args.disc_spectral_norm,
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
         timm_input_size=args.disc_timm_input_size,
-    )
-
-
-def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(
-        params,
-        lr=lr,
-        betas=betas,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **adamw_implementation(args),
     )
 
 
@@ -300,16 +288,12 @@ def mean(values: list[float | torch.Tensor]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
-    return [i % num_classes for i in range(num_images)] if num_classes else None
-
-
 def main(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    config: DiffusionGANConfig = args.diffusion_gan
+    config = diffusion_gan_config(args)  # validated by parse_args
     ratio = config.disc_update_ratio
     accumulation = args.gradient_accumulation_steps
 
@@ -345,27 +329,32 @@ def main(args: argparse.Namespace) -> None:
 
     # the trainable discriminator parameters: the projected trunk's backbone stays frozen throughout
     d_params = [p for p in discriminator.parameters() if p.requires_grad]
-    g_optimizer = make_optimizer(args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2))
-    d_optimizer = make_optimizer(args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2))
+    g_optimizer = adamw_from_flags(
+        args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2)
+    )
+    d_optimizer = adamw_from_flags(
+        args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2)
+    )
 
     train_dataloader = make_dataloader(
         dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
     )
     # an optimizer-step slot = `accumulation` micro-batches; a cycle = `ratio` D slots then one G slot
     slots_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / accumulation)
-    if args.max_train_steps is None:
-        args.max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
+    max_train_steps = args.max_train_steps  # derived values stay out of `args`
+    if max_train_steps is None:
+        max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
     g_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=g_optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     d_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=d_optimizer,
         num_warmup_steps=args.lr_warmup_steps * ratio * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * ratio * accelerator.num_processes,
+        num_training_steps=max_train_steps * ratio * accelerator.num_processes,
     )
     generator, discriminator, g_optimizer, d_optimizer, train_dataloader, g_lr_scheduler, d_lr_scheduler = (
         accelerator.prepare(
@@ -376,28 +365,22 @@ def main(args: argparse.Namespace) -> None:
     t_history: list[list[float]] = []  # [generator step, p, T, r_d] at the start and after each adjustment of p
     register_diffusion_hooks(accelerator, diffusion, t_history)
     slots_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    num_epochs = math.ceil(args.max_train_steps * (ratio + 1) / slots_per_epoch)
+    num_epochs = math.ceil(max_train_steps * (ratio + 1) / slots_per_epoch)
     unwrapped_generator = accelerator.unwrap_model(generator)
     unwrapped_discriminator = accelerator.unwrap_model(discriminator)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        tracker_config.update({f"diffusion_gan.{k}": v for k, v in dataclasses.asdict(config).items()})
-        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config)
+        effective = {**vars(args), "max_train_steps": max_train_steps}
+        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(effective, {"diffusion_gan": config}))
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
-    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        train_state = load_train_state(resume_path)
+    train_state = resume_train_state(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if train_state is not None:
         global_step, bad_steps = train_state["global_step"], train_state.get("bad_steps")
         next_slot = global_step * (ratio + 1)
         first_epoch = next_slot // slots_per_epoch
         skip_batches = (next_slot % slots_per_epoch) * accumulation
-    elif args.resume_from_checkpoint is not None:
-        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
     if not t_history:
         t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
     num_adjustments = diffusion.num_updates // diffusion.ada_interval
@@ -408,14 +391,14 @@ def main(args: argparse.Namespace) -> None:
 
     total_batch = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(
-        f"Generator steps {args.max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
+        f"Generator steps {max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
         f"epochs {num_epochs}, starting at step {global_step}"
     )
-    budget_warning = p_budget_warning(config, total_batch, args.max_train_steps)
+    budget_warning = p_budget_warning(config, total_batch, max_train_steps)
     if budget_warning is not None:
         logger.warning(budget_warning)
     progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
@@ -429,50 +412,31 @@ def main(args: argparse.Namespace) -> None:
         return finite
 
     def run_validation(step: int) -> None:
-        if ema is not None:
-            ema.store(unwrapped_generator.parameters())
-            ema.copy_to(unwrapped_generator.parameters())
-        unwrapped_generator.eval()
-        pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-        pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(
-            class_labels=validation_labels(args.num_validation_images, num_classes),
-            batch_size=args.num_validation_images,
-            generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
-            output_type="np",
-        ).images
-        unwrapped_generator.train()
-        if ema is not None:
-            ema.restore(unwrapped_generator.parameters())
-        log_images(accelerator, "validation", images, step)
-        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-        image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+        with ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
+            pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
+            pipeline.set_progress_bar_config(disable=True)
+            images = pipeline(
+                class_labels=validation_labels(args.num_validation_images, num_classes),
+                batch_size=args.num_validation_images,
+                generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
+                output_type="np",
+            ).images
+        save_validation_grid(accelerator, images, args.output_dir, step)
 
     def run_evaluation(step: int) -> None:
         """Measure the EMA generator on every process (sharded, collective), log eval/<metric>, keep the best in best/.
 
         The RNG states are restored afterwards: a run with evaluation trains exactly as one without."""
-        with preserve_rng_state(accelerator):
-            if ema is not None:
-                ema.store(unwrapped_generator.parameters())
-                ema.copy_to(unwrapped_generator.parameters())
-            unwrapped_generator.eval()
+        with preserve_rng_state(accelerator), ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
             pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-            results, is_best = evaluator.evaluate(pipeline, step)
-            if is_best and accelerator.is_main_process:
-                assert_finite_parameters({"generator": unwrapped_generator})
 
-                def write(folder: str) -> None:
-                    pipeline.save_pretrained(folder)
-                    copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
-                    evaluator.write_best_metrics(folder, step, results)
+            def write_best(folder: str) -> None:
+                pipeline.save_pretrained(folder)
+                copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
 
-                atomic_save_pretrained(evaluator.best_dir, write)
-            unwrapped_generator.train()
-            if ema is not None:
-                ema.restore(unwrapped_generator.parameters())
-        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+            evaluate_and_keep_best(
+                accelerator, evaluator, step, pipeline, write_best, {"generator": unwrapped_generator}
+            )
         accelerator.wait_for_everyone()
 
     # ---- loop
@@ -547,7 +511,7 @@ def main(args: argparse.Namespace) -> None:
             progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
                 save_checkpoint(
                     accelerator,
@@ -556,13 +520,12 @@ def main(args: argparse.Namespace) -> None:
                     {"epoch": epoch, "bad_steps": bad_steps.state_dict()},
                     args.checkpoints_total_limit,
                 )
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(global_step)
-            if args.eval_steps and global_step % args.eval_steps == 0:
-                run_evaluation(global_step)  # on every process
-            if global_step >= args.max_train_steps:
+            run_periodic_jobs(
+                accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
+            )
+            if global_step >= max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= max_train_steps:
             break
 
     # ---- export: a pipeline folder with EMA weights, discriminator/, T.png, a model card and a pipeline.py
@@ -606,8 +569,7 @@ def main(args: argparse.Namespace) -> None:
                 loads_without_sadm=False,
             )
 
-        atomic_save_pretrained(args.output_dir, write)
-        logger.info(f"Pipeline written to {args.output_dir}")
+        export_pipeline(args.output_dir, write)
     accelerator.end_training()
 
 

@@ -236,7 +236,7 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
     assert "t_min=0 must be >= 1" in capsys.readouterr().err
     args = script.parse_args(["--diffusion_gan_preset", "insgen", "--diffusion_gan_t_max", "200", "--diffusion", "fixed",
                               "--no-diffusion_gan_class_conditional_disc", "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    config = args.diffusion_gan
+    config = script.diffusion_gan_config(args)
     assert (config.t_max, config.ts_dist, config.mode, config.class_conditional_disc) == (
         200,
         "uniform",
