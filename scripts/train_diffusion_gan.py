@@ -32,6 +32,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from sadm.pipelines import pipeline_diffusion_gan
+from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from tqdm.auto import tqdm
 
 import sadm
@@ -59,8 +61,6 @@ from sadm.frame import (
 )
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
-from sadm.pipelines import pipeline_diffusion_gan
-from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from sadm.training import (
     BadStepCounter,
     HelpFormatter,

@@ -23,6 +23,8 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from sadm.pipelines import pipeline_sadm_dit
+from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from tqdm.auto import tqdm
 
 import sadm
@@ -69,8 +71,6 @@ from sadm.latents import (
 from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout, float32_norms
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.objective import DenoisingObjective
-from sadm.pipelines import pipeline_sadm_dit
-from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
