@@ -279,8 +279,9 @@ def tiny_vae() -> AutoencoderKL:
 
 def time_sampling(args) -> dict[str, float]:
     """Images/s of SADMDiTPipeline and DiTPipeline on the same 1000-class latent DiT, VAE, scheduler and settings."""
-    from sadm.models.dit import build_dit
     from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
+
+    from sadm.models.dit import build_dit
 
     device = torch.device(args.device)
     preset = args.sample_preset or args.presets[-1]
