@@ -4,7 +4,8 @@
 call as they are:
 
     batch → x₀ (pixels, or z₀ = s·(μ + σn) from the VAE's posterior moments) → objective.noise → DiT → objective.loss
-    → [x̂₀ through the frozen decoder (`--disc_input pixel`), clamped to ±x0_clip] → Σ term.generator_loss
+    → [x̂₀ through the frozen decoder (`--disc_input pixel`), clamped to ±x0_clip] → term.begin_step for every term
+    → Σ term.generator_loss
     → backward, denoiser step → term.discriminator_step for every term
 
 Each model is stepped inside `accelerator.accumulate` of the denoiser (the discriminators follow its window with
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
+from .disc_augment import DiffAugment
 from .latents import decode_latents, encode_moments, sample_latents
 from .objective import DenoisingObjective
 from .terms import AdversarialBatch, AdversarialTerm, SampleStreams
@@ -62,6 +64,8 @@ class DenoiserTrainStep:
         seed (`int`, defaults to 0): seed of the per-sample streams.
         per_sample_noise (`bool`, defaults to False): draw every sample's randomness from generators seeded by (seed,
             sample key) (batches then carry `sample_keys`), so a run is the same on any process count or accumulation.
+        disc_augment ([`~sadm.disc_augment.DiffAugment`], *optional*): DiffAugment of what the discriminators see, one
+            draw per sample shared by real and fake (per-sample stream 4); each term applies it to its own view.
     """
 
     def __init__(
@@ -78,13 +82,14 @@ class DenoiserTrainStep:
         x0_clip: float = 0.0,
         seed: int = 0,
         per_sample_noise: bool = False,
+        disc_augment: DiffAugment | None = None,
     ):
         if decode_for_discriminators and vae is None:
             raise ValueError("decode_for_discriminators needs the VAE whose decoder maps latents to pixels.")
         self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
         self.objective, self.terms, self.optimizer_step = objective, terms, optimizer_step
         self.vae, self.decode_for_discriminators, self.x0_clip = vae, decode_for_discriminators, x0_clip
-        self.seed, self.per_sample_noise = seed, per_sample_noise
+        self.seed, self.per_sample_noise, self.disc_augment = seed, per_sample_noise, disc_augment
         self.stats: dict[str, torch.Tensor | float] = {}  # the latest value of every statistic, logged by the caller
 
     def clean_samples(self, batch: dict) -> torch.Tensor:
@@ -127,8 +132,17 @@ class DenoiserTrainStep:
             if self.terms:
                 real, fake = self.discriminator_view(x0, result.x0_hat)
                 adversarial = AdversarialBatch(
-                    noised, result, real, fake, self.objective.alphas_cumprod, step, streams=streams
+                    noised,
+                    result,
+                    real,
+                    fake,
+                    self.objective.alphas_cumprod,
+                    step,
+                    streams=streams,
+                    augment=self.disc_augment,
                 )
+                for term in self.terms:  # draws both phases share, before any term's loss
+                    term.begin_step(adversarial)
                 for term in self.terms:
                     term_loss, term_stats = term.generator_loss(adversarial)
                     loss = loss + term_loss

@@ -11,6 +11,10 @@ them; a further method (e.g. a REPA-style alignment term) is one subclass of [`A
     backward, denoiser step
     for term in terms: term.discriminator_step(batch, sync, optimizer_step)
 
+With a [`~sadm.disc_augment.DiffAugment`] on the batch, each term augments what its discriminator sees, real and fake
+with one draw per sample, the same for both phases: the timestep discriminator's view in `begin_step` (before any
+term's loss), the structure encoder's inputs once they are built (after the reverse step of 'mmd').
+
 Both phases follow the denoiser's accumulation window: the discriminator steps skip DDP's all-reduce with `no_sync`
 on accumulating micro-batches and step exactly when the denoiser does.
 """
@@ -18,6 +22,7 @@ on accumulating micro-batches and step exactly when the denoiser does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from torch import nn
 
 from .diffusion_augment import AdaptiveDiffusion
 from .diffusion_gan import DiffusionGANConfig, diffusion_gan_discriminator_loss, diffusion_gan_generator_loss
+from .disc_augment import DiffAugment
 from .losses.structure import timestep_weights
 from .objective import DenoisingResult, NoisedBatch
 from .structure import (
@@ -50,8 +56,8 @@ class SampleStreams:
     """The per-sample random streams of one micro-batch, made on first use (`--per_sample_noise`).
 
     Stream 0: label dropout, t and ε (the objective); 1: the Diffusion-GAN term's denoiser side; 2: its discriminator
-    side; 3: the structure term's reverse-step and re-noising noise. Without sample keys every stream is None (the
-    global RNG).
+    side; 3: the structure term's reverse-step and re-noising noise; 4: DiffAugment's draws (`--disc_augment`). Without
+    sample keys every stream is None (the global RNG).
 
     Args:
         seed (`int`): the run's seed.
@@ -84,6 +90,7 @@ class AdversarialBatch:
         alphas_cumprod (`torch.Tensor` of shape `[T]`): ᾱ of the denoiser's noise schedule.
         step (`int`): the global step (λ warm-up).
         streams ([`SampleStreams`]): the per-sample random streams (all None: the global RNG).
+        augment ([`~sadm.disc_augment.DiffAugment`], *optional*): DiffAugment of what the discriminators see (stream 4).
     """
 
     noised: NoisedBatch
@@ -93,9 +100,16 @@ class AdversarialBatch:
     alphas_cumprod: torch.Tensor
     step: int
     streams: SampleStreams
+    augment: DiffAugment | None = None
 
     def generators(self, stream: int) -> list[torch.Generator] | None:
         return self.streams.get(stream)
+
+    def augmented(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(real, fake)` through DiffAugment with one draw per sample shared by both (stream 4), or as they are."""
+        if self.augment is None:
+            return real, fake
+        return self.augment(real, fake, generator=self.generators(4))
 
 
 class AdversarialTerm:
@@ -125,6 +139,10 @@ class AdversarialTerm:
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.discriminator)
+
+    def begin_step(self, batch: AdversarialBatch) -> None:
+        """Called for every term, in order, before any term's `generator_loss`: per-micro-batch draws that both phases
+        share (the default draws nothing)."""
 
     def generator_loss(self, batch: AdversarialBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The weighted scalar added to the denoiser's loss, with its discriminator frozen, and named statistics."""
@@ -202,9 +220,13 @@ class StructureTerm(AdversarialTerm):
     def generator_loss(self, batch: AdversarialBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         cfg, noised = self.config, batch.noised
         frozen = self.unwrapped.requires_grad_(False)  # unwrapped: no DDP hooks in the denoiser step
-        self.inputs = structure_inputs(
+        inputs = structure_inputs(
             batch.real, batch.fake, noised.timesteps, batch.alphas_cumprod, cfg, noised.x_t, batch.generators(3)
         )  # what E_φ compares, built once for both phases
+        if batch.augment is not None:  # on what E_φ compares (after the reverse step of 'mmd')
+            real, fake = batch.augmented(inputs.real, inputs.fake)
+            inputs = dataclasses.replace(inputs, real=real, fake=fake)
+        self.inputs = inputs
         loss_struct, s_stats = structure_denoiser_loss(
             frozen, self.inputs, cfg, self._labels(batch), self.gather, self.accelerator.process_index
         )
@@ -279,11 +301,15 @@ class DiffusionGANTerm(AdversarialTerm):
         self.d_step = 0  # discriminator optimizer steps so far (the lazy R1 runs when d_step % r1_interval == 0)
         self.pending_real_logits: list[torch.Tensor] = []  # gathered real logits of the current D optimizer step
         self.weights: torch.Tensor | None = None  # w(t) of this micro-batch, shared by both phases
+        self.view: tuple[torch.Tensor, torch.Tensor] | None = None  # D's (real, fake) of this micro-batch (augmented)
         self.last_r1: torch.Tensor | None = None
 
     def prepare(self) -> None:
         super().prepare()
         register_state_hooks(self.accelerator, {self.state_name: self.diffusion})
+
+    def begin_step(self, batch: AdversarialBatch) -> None:
+        self.view = batch.augmented(batch.real, batch.fake)  # DiffAugment drawn before the other terms' losses
 
     def generator_loss(self, batch: AdversarialBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         cfg = self.config
@@ -292,7 +318,7 @@ class DiffusionGANTerm(AdversarialTerm):
             batch.noised.timesteps, batch.alphas_cumprod, cfg.timestep_weighting, t_threshold=cfg.t_threshold
         )  # [B]
         loss_g, g_stats = diffusion_gan_generator_loss(
-            frozen, self.diffusion, batch.fake, batch.noised.labels, cfg, batch.generators(1)
+            frozen, self.diffusion, self.view[1], batch.noised.labels, cfg, batch.generators(1)
         )
         weighted = loss_g * self.weights  # [B]
         return cfg.weight * weighted.mean(), {"loss_gan_g": weighted.detach().mean(), **g_stats}
@@ -308,8 +334,8 @@ class DiffusionGANTerm(AdversarialTerm):
                 loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
                     self.discriminator,
                     self.diffusion,
-                    batch.real,
-                    batch.fake.detach(),
+                    self.view[0],
+                    self.view[1].detach(),
                     batch.noised.labels,
                     cfg,
                     self.d_step,

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 import sadm
 from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
 from sadm.data import collate_fn, load_train_dataset
+from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion, build_timestep_discriminator
+from sadm.disc_augment import DiffAugment
 from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
 from sadm.finetune import (
     DEFAULT_LORA_TARGETS,
@@ -69,6 +71,14 @@ from sadm.latents import (
     vae_downsample_factor,
 )
 from sadm.models.dit import DIT_PRESETS, build_dit, check_dit_fits, disable_label_dropout, float32_norms
+from sadm.models.dit_trunk import (
+    DiTStructureEncoder,
+    DiTTimestepDiscriminator,
+    check_dit_trunk,
+    default_trunk_blocks,
+    freeze_dit_trunk,
+    load_dit_trunk,
+)
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.objective import DenoisingObjective
 from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
@@ -181,8 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
     d = parser.add_argument_group("discriminators (structure and timestep)")
-    d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers"],
-                   help="Structure discriminator backbone (conv: compact, spectral norm; timm/transformers: random-init here).")  # fmt: skip
+    d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers", "dit"],
+                   help="Structure discriminator backbone (conv: compact, spectral norm; timm/transformers: random-init here; "
+                   "dit: pooled features of a frozen pretrained DiT, --disc_trunk_*).")  # fmt: skip
     d.add_argument("--disc_embed_dim", type=int, default=128, help="Structure embedding size.")
     d.add_argument("--disc_base_channels", type=int, default=64, help="Width of the conv/ViT discriminators.")
     d.add_argument("--structure_disc_spectral_norm", action=argparse.BooleanOptionalAction, default=True, help="Spectral norm in the structure encoder.")  # fmt: skip
@@ -206,9 +217,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--disc_adam_epsilon", type=float, default=1e-8, help="Discriminators' Adam ε.")
     # Diffusion-GAN term: DiffusionGANConfig fields as --diffusion_gan_* flags (λ_adv is --gan_loss_weight)
     add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", GAN_FLAGS)
-    d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected"], help="Timestep discriminator trunk.")  # fmt: skip
+    d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected", "dit"],
+                   help="Timestep discriminator trunk (dit: a frozen pretrained DiT at the matched noise level, --disc_trunk_*).")  # fmt: skip
     d.add_argument("--gan_disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
-                   help="Spectral norm on every trainable layer of the timestep discriminator (as --disc_spectral_norm of train_diffusion_gan.py).")  # fmt: skip
+                   help="Spectral norm on every trainable layer of the timestep discriminator (as --disc_spectral_norm of "
+                   "train_diffusion_gan.py); the dit trunk's heads always have it.")  # fmt: skip
+    d.add_argument("--disc_trunk_path", type=str, default=None,
+                   help="The dit trunk: a pipeline folder (its transformer/) or a DiTTransformer2DModel folder. Default: the "
+                   "model being fine-tuned, its weights at the start of the run (--pretrained_model_name_or_path).")  # fmt: skip
+    d.add_argument("--disc_trunk_blocks", type=str, default=None,
+                   help="Comma-separated 0-based DiT blocks whose features get a head (dit trunk). Default: a quarter and "
+                   "half of the depth (DiT-S/2: 2,5), where a DiT's features are most separable; the trunk runs no deeper.")  # fmt: skip
+    d.add_argument("--disc_augment", type=str, default=None,
+                   help="DiffAugment of what both discriminators see, one draw per sample shared by its real and fake: "
+                   "comma-separated color, translation, cutout in the order applied (the paper: color,translation,cutout). Default: off.")  # fmt: skip
     d.add_argument("--disc_input", type=str, default="latent", choices=["latent", "pixel"],
                    help="Latent models: the discriminators see latents, or VAE-decoded pixels (decoder frozen, gradients flow through it into x̂₀).")  # fmt: skip
     d.add_argument("--x0_clip", type=float, default=None,
@@ -259,6 +281,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Both adversarial terms are opt-in (λ = 0 in their configs): on the digits benchmark (docs/BENCHMARKS.md, 3 seeds)
     # SADM's 'paired' loss doubled digits-FID against DSM-only from scratch and was neutral when fine-tuning; the
     # Diffusion-GAN term was neutral from scratch and helped modestly when fine-tuning.
+    if uses_dit_trunk(args, run) and args.pretrained_model_name_or_path is None and args.disc_trunk_path is None:
+        parser.error(
+            "--disc_backbone dit / --gan_disc_trunk dit judge with a frozen pretrained DiT, and a model trained from "
+            "scratch has none: pass --pretrained_model_name_or_path (the trunk is then its start-of-run weights) or "
+            "--disc_trunk_path."
+        )
+    if args.disc_augment is not None:
+        try:
+            DiffAugment(args.disc_augment)
+        except ValueError as error:
+            parser.error(f"--disc_augment: {error}")
+    if args.disc_backbone == "dit" and args.disc_pretrained_path is not None:
+        parser.error(
+            "--disc_pretrained_path warm-starts a StructureDiscriminator; it is not read with --disc_backbone dit."
+        )
     ratios = (run.structure.disc_update_ratio, run.diffusion_gan.disc_update_ratio)
     if args.gradient_accumulation_steps > 1 and max(ratios) > 1:
         parser.error(
@@ -292,12 +329,14 @@ class RunConfig(NamedTuple):
         diffusion_gan ([`DiffusionGANConfig`]): the Diffusion-GAN term's, its preset resolved.
         learning_rate (`float`): --learning_rate, or its default for this model and --trainable.
         lora_target_modules (`tuple[str, ...]`): the parsed --lora_target_modules.
+        disc_trunk_blocks (`tuple[int, ...]`, *optional*): the parsed --disc_trunk_blocks (None: the trunk's default).
     """
 
     structure: StructureConfig
     diffusion_gan: DiffusionGANConfig
     learning_rate: float
     lora_target_modules: tuple[str, ...]
+    disc_trunk_blocks: tuple[int, ...] | None
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -312,11 +351,22 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         learning_rate = 1e-3 if tiny else 1e-4
         if args.trainable != "full":  # DiffFit (arXiv 2304.06648) and common LoRA practice: 10x the full-tuning LR
             learning_rate *= 10
+    disc_trunk_blocks = None
+    if args.disc_trunk_blocks is not None:
+        try:
+            disc_trunk_blocks = tuple(int(b) for b in args.disc_trunk_blocks.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--disc_trunk_blocks must be comma-separated block indices, got {args.disc_trunk_blocks!r}"
+            ) from None
+        if min(disc_trunk_blocks) < 0:
+            raise ValueError(f"--disc_trunk_blocks must be >= 0, got {disc_trunk_blocks}")
     return RunConfig(
         structure=dataclass_from_args(StructureConfig, args, "structure_", STRUCTURE_FLAGS),
         diffusion_gan=dataclass_from_args(DiffusionGANConfig, args, "diffusion_gan_", GAN_FLAGS),
         learning_rate=learning_rate,
         lora_target_modules=tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip()),
+        disc_trunk_blocks=disc_trunk_blocks,
     )
 
 
@@ -423,6 +473,68 @@ def build_structure_discriminator(
     )
 
 
+def uses_dit_trunk(args, run: RunConfig) -> bool:
+    """Whether an adversarial term that is on judges with the frozen DiT trunk."""
+    structure = run.structure.weight > 0 and args.disc_backbone == "dit"
+    return structure or (run.diffusion_gan.weight > 0 and args.gan_disc_trunk == "dit")
+
+
+def build_dit_trunk(args, model: DiTTransformer2DModel) -> tuple[DiTTransformer2DModel, str]:
+    """The frozen DiT of the `dit` discriminators and its name for messages: --disc_trunk_path, or a copy of the
+    denoiser as built (pretrained weights, label table for the data) before any training, so a resumed run rebuilds
+    the same trunk from the same files. Called before `setup_trainable` (LoRA / DiffFit wrap the model in place)."""
+    if args.disc_trunk_path is not None:
+        if os.path.isfile(os.path.join(args.disc_trunk_path, "scheduler", "scheduler_config.json")):
+            check_noise_schedule(args.disc_trunk_path, args.num_train_timesteps)
+        return load_dit_trunk(args.disc_trunk_path), f"--disc_trunk_path {args.disc_trunk_path}"
+    source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} (the dit trunk)"
+    return freeze_dit_trunk(model), source
+
+
+def build_dit_discriminators(
+    args,
+    run: RunConfig,
+    trunk: DiTTransformer2DModel,
+    source: str,
+    in_channels: int,
+    sample_size: int,
+    num_classes: int,
+    diffusion: AdaptiveDiffusion | None,
+    num_timesteps: int | None,
+) -> tuple[DiTStructureEncoder | None, DiTTimestepDiscriminator | None]:
+    """The `dit` discriminators on `trunk` (the --disc_backbone / --gan_disc_trunk choice next to
+    `build_structure_discriminator` / `build_timestep_discriminator`): (structure encoder or None, timestep
+    discriminator or None). The trunk is checked against the discriminators' inputs once, naming `source`."""
+    blocks = run.disc_trunk_blocks or default_trunk_blocks(trunk.config.num_layers)
+    inputs = f"the discriminator input ({in_channels}x{sample_size}x{sample_size}, --disc_input {args.disc_input})"
+    check_dit_trunk(trunk, in_channels, sample_size, num_classes, blocks, source, inputs)
+    shape = {"in_channels": in_channels, "sample_size": sample_size, "trunk_hidden_size": trunk.inner_dim}
+    shape.update(trunk_num_classes=trunk.config.num_embeds_ada_norm, trunk_blocks=list(blocks))
+    struct_disc = gan_disc = None
+    if run.structure.weight > 0 and args.disc_backbone == "dit":
+        struct_disc = DiTStructureEncoder(
+            **shape,
+            embed_dim=args.disc_embed_dim,
+            spectral_norm=args.structure_disc_spectral_norm,
+            num_classes=trunk.config.num_embeds_ada_norm if args.disc_class_conditional and num_classes else None,
+            num_timesteps=num_timesteps,
+            dit=trunk,
+        )
+    if run.diffusion_gan.weight > 0 and args.gan_disc_trunk == "dit":
+        gan_disc = DiTTimestepDiscriminator(
+            **shape,
+            trunk_patch_size=trunk.config.patch_size,
+            head_channels=args.disc_base_channels,
+            num_train_timesteps=args.num_train_timesteps,
+            dit=trunk,
+            diffusion=diffusion,
+        )
+    for disc in (struct_disc, gan_disc):
+        if disc is not None and args.gradient_checkpointing:
+            disc.enable_gradient_checkpointing()
+    return struct_disc, gan_disc
+
+
 def make_disc_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW over a discriminator's trainable parameters, with the --disc_* hyperparameters (torch's AdamW always)."""
     return make_adamw(
@@ -497,6 +609,7 @@ def main(
     model, label_learning_rate = build_model(
         args, run.learning_rate, dataset.num_channels, num_classes, id2label, vae, vae_source
     )
+    dit_trunk, dit_trunk_source = build_dit_trunk(args, model) if uses_dit_trunk(args, run) else (None, None)
     model = setup_trainable(model, args.trainable, args.lora_rank, args.lora_alpha, list(run.lora_target_modules))
     trained_params = trainable_parameters(model)  # the same tensors after prepare/compile: EMA, swaps and export
     num_trained = sum(p.numel() for p in trained_params)
@@ -508,6 +621,8 @@ def main(
         model.enable_gradient_checkpointing()
     if accelerator.mixed_precision != "no":
         float32_norms(model)  # LayerNorm in float32 under autocast on every device (CPU's autocast runs it in bf16)
+        if dit_trunk is not None:
+            float32_norms(dit_trunk)
     if args.torch_compile:
         model.compile()  # nn.Module.compile: in place, so the state dict, EMA and hooks see the same module
     noise_scheduler = DDPMScheduler(
@@ -556,9 +671,18 @@ def main(
     if vae is not None and args.disc_input == "pixel":  # the discriminators see decoded images
         disc_channels, disc_size = dataset.num_channels, args.resolution
     terms: list[AdversarialTerm] = []
+    num_timesteps = args.num_train_timesteps if struct_cfg.noise_conditional else None
+    diffusion = (
+        build_adaptive_diffusion(gan_cfg, seed=args.seed).to(accelerator.device) if gan_cfg.weight > 0 else None
+    )
+    struct_disc = gan_disc = None
+    if dit_trunk is not None:  # frozen, outside the discriminators' parameters and state: never saved or stepped
+        struct_disc, gan_disc = build_dit_discriminators(
+            args, run, dit_trunk, dit_trunk_source, disc_channels, disc_size, num_classes, diffusion, num_timesteps
+        )
     if struct_cfg.weight > 0:
-        num_timesteps = args.num_train_timesteps if struct_cfg.noise_conditional else None
-        struct_disc = build_structure_discriminator(args, disc_channels, disc_size, num_classes, num_timesteps)
+        if struct_disc is None:
+            struct_disc = build_structure_discriminator(args, disc_channels, disc_size, num_classes, num_timesteps)
         terms.append(
             StructureTerm(
                 struct_cfg,
@@ -569,17 +693,17 @@ def main(
             )
         )
     if gan_cfg.weight > 0:
-        gan_disc = build_timestep_discriminator(
-            gan_cfg,
-            disc_channels,
-            disc_size,
-            num_classes,
-            trunk=args.gan_disc_trunk,
-            base_channels=args.disc_base_channels,
-            spectral_norm=args.gan_disc_spectral_norm,
-        )
+        if gan_disc is None:
+            gan_disc = build_timestep_discriminator(
+                gan_cfg,
+                disc_channels,
+                disc_size,
+                num_classes,
+                trunk=args.gan_disc_trunk,
+                base_channels=args.disc_base_channels,
+                spectral_norm=args.gan_disc_spectral_norm,
+            )
         gan_opt = make_disc_optimizer(args, gan_disc)
-        diffusion = build_adaptive_diffusion(gan_cfg, seed=args.seed).to(accelerator.device)
         terms.append(DiffusionGANTerm(gan_cfg, gan_disc, gan_opt, accelerator, diffusion))
 
     train_set, collate = dataset, collate_fn
@@ -688,6 +812,7 @@ def main(
         x0_clip=x0_clip,
         seed=args.seed,
         per_sample_noise=args.per_sample_noise,
+        disc_augment=DiffAugment(args.disc_augment) if args.disc_augment is not None else None,
     )
     stats = train_step.stats
     model.train()

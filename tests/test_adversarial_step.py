@@ -7,6 +7,7 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion
+from sadm.disc_augment import DiffAugment
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
@@ -41,7 +42,7 @@ def unchanged(module, before):
     return [n for n, p in module.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
 
 
-def make_step(accelerator, struct_cfg, gan_cfg, x0_clip=1.0, max_bad_steps=20):
+def make_step(accelerator, struct_cfg, gan_cfg, x0_clip=1.0, max_bad_steps=20, disc_augment=None):
     """The objects `scripts/train_sadm.py` builds, at toy sizes: DiT, objective, both terms, the guarded step."""
     model = perturbed_dit()
     struct = StructureDiscriminator(in_channels=1, sample_size=8, base_channels=8, embed_dim=16)
@@ -62,6 +63,7 @@ def make_step(accelerator, struct_cfg, gan_cfg, x0_clip=1.0, max_bad_steps=20):
     step = DenoiserTrainStep(
         accelerator, model, optimizer, lr_scheduler, objective, terms,
         GuardedOptimizerStep(accelerator, 1.0, bad_steps), x0_clip=x0_clip, seed=0, per_sample_noise=True,
+        disc_augment=disc_augment,
     )  # fmt: skip
     return step, bad_steps
 
@@ -103,6 +105,31 @@ def test_the_step_is_reproducible_from_the_sample_keys(accelerator):
         step(batch(), 0)
         losses.append(step.stats["loss"])
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+def test_disc_augment_shares_each_draw_between_real_and_fake_and_follows_the_sample_keys(accelerator):
+    struct_cfg = StructureConfig(weight=0.1, warmup_steps=0, t_threshold=1000)
+    gan_cfg = DiffusionGANConfig(weight=0.1, timestep_weighting="none")
+    plain, _ = make_step(accelerator, struct_cfg, gan_cfg)
+    plain(batch(), 0)
+    views, losses = [], []
+    for seed in (123, 456):  # the global RNG differs: the augmentation draws from stream 4 of each sample
+        step, _ = make_step(accelerator, struct_cfg, gan_cfg, disc_augment=DiffAugment("translation,cutout"))
+        torch.manual_seed(seed)
+        step(batch(), 0)
+        structure, gan = step.terms
+        views.append([t.detach() for t in (*gan.view, structure.inputs.real, structure.inputs.fake)])
+        losses.append(step.stats["loss"])
+    gan_real, gan_fake, struct_real, struct_fake = views[0]
+    # cutout (and the zeros translation shifts in) at the same pixels of a sample's real and fake: one draw for both
+    assert (gan_real == 0).any() and torch.equal(gan_real == 0, gan_fake == 0)
+    assert (struct_real == 0).any() and torch.equal(struct_real == 0, struct_fake == 0)
+    assert not torch.equal(gan_real == 0, struct_real == 0)  # each term's view has its own draw
+    assert not torch.equal(gan_fake, plain.terms[1].view[1].detach())  # the discriminator saw augmented inputs
+    for a, b in zip(*views):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert plain.stats["loss"] != losses[0]
 
 
 def test_discriminator_view_clamps_what_the_discriminators_see(accelerator):
