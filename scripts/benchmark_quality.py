@@ -79,6 +79,14 @@ ARMS.update({
     "ft_sadm_mmd": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE]),
     "ft_sadm_paired_fix": ("train_sadm.py", [*FINETUNE, *PAIRED_FIX, *ADAPTIVE]),
 })  # fmt: skip
+# Issue 14: the same terms judged by a frozen copy of the model being fine-tuned (its start-of-run weights), heads on the
+# script's default blocks (a quarter and half of the depth: blocks 0, 1 of the tiny preset's 4, where a DiT's features are
+# most separable and the trunk costs half a forward) and the default head width (--disc_base_channels 64, as the conv D).
+DIT_TRUNK = ["--gan_disc_trunk", "dit", "--disc_backbone", "dit"]
+ARMS.update({
+    "ft_gan_dit": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01", *DIT_TRUNK]),
+    "ft_sadm_mmd_dit": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *DIT_TRUNK]),
+})  # fmt: skip
 METRICS = ("accuracy", "fid", "pixel_fid", "precision", "recall")
 LOWER_IS_BETTER = ("fid", "pixel_fid")
 
