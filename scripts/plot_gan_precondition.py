@@ -73,7 +73,7 @@ def plot_precondition(
     axis.plot(kimg, r_d, color="tab:orange", alpha=0.25, linewidth=0.6)
     axis.plot(kimg, running_mean(r_d, smooth), color="tab:orange", label=f"r_d (running mean of {smooth})")
     axis.set_xlabel("kimg (thousands of real images shown to D)")
-    axis.set_ylabel("r_d = E[sign D(x_real)]", color="tab:orange")
+    axis.set_ylabel("r_d = E[sign D(x_real)]; recall", color="tab:orange")
     axis.set_ylim(-1.05, 1.05)
     right = axis.twinx()
     eval_kimg = [record["step"] * batch_size / 1000 for record in eval_history]
@@ -83,7 +83,7 @@ def plot_precondition(
     if eval_history and "recall" in eval_history[0]:
         axis.plot(eval_kimg, [r["recall"] for r in eval_history], "s--", color="tab:green", label="recall")
     handles = axis.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    axis.legend(handles=handles, loc="lower right", fontsize=8)
+    axis.legend(handles=handles, loc="upper center", fontsize=8, ncol=3)
     if title:
         axis.set_title(title, fontsize=9)
     figure.tight_layout()
