@@ -111,8 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema_kimg",
         type=float,
         default=None,
-        help="EMA half-life in thousands of real images (StyleGAN2: 10 at batch 32): decay 0.5^(batch/(ema_kimg·1000)) "
-        "per step, ramped in by diffusers' (1+s)/(10+s). None: --ema_max_decay with the --ema_inv_gamma warm-up.",
+        help="EMA half-life in thousands of real images (StyleGAN2-ADA's auto config: batch·10/32, so 10 at batch 32): "
+        "decay 0.5^(batch/(ema_kimg·1000)) per step, ramped in by diffusers' (1+s)/(10+s). None: --ema_max_decay with "
+        "the --ema_inv_gamma warm-up.",
     )
     d = parser.add_argument_group("discriminator")
     d.add_argument(
