@@ -82,8 +82,8 @@ ARMS.update({
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
 # --max_train_steps for 0.5-2 Mimg (batch 32: 15,625-62,500 steps); ada_kimg stays the paper's 100, which p can
-# cross 5-20 times in that budget. Note: --max_train_samples keeps the first N files of the digits folder
-# (sorted by class), so "_200" is 178 zeros and 22 ones until the data loader draws a class-balanced subset.
+# cross 5-20 times in that budget. "_200": a random subset of 200 digits, the same for every seed (sadm.data's
+# subset_indices; the older gan_*_200 arms ran when --max_train_samples kept the first 200 files: 178 zeros, 22 ones).
 GAN8 = ["--resolution", "8", "--disc_trunk", "resnet", "--generator_layers_per_block", "2", "--ema_kimg", "10"]
 ARMS.update({
     "gan8_none_200": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "none", "--max_train_samples", "200"]),
