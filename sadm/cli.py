@@ -53,7 +53,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
     group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training samples.")
+    group.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Keep a random subset of N training samples, the same for every run and seed.",
+    )
     group.add_argument(
         "--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3)."
     )

@@ -52,7 +52,8 @@ class DataConfig:
         resolution (`int`): training resolution (images are resized and cropped to it).
         center_crop (`bool`): centre crop instead of a random crop.
         random_flip (`bool`): random horizontal flips.
-        max_train_samples (`int`, *optional*): keep only the first N samples.
+        max_train_samples (`int`, *optional*): keep a random subset of N samples, the same for every run
+            (`subset_indices`).
         num_channels (`int`, *optional*): 1 or 3; by default taken from the first image.
         cache_dir (`str`, *optional*): cache of 🤗 datasets and of the embedded digits folder.
         unconditional (`bool`): ignore labels even when the data has them.
@@ -339,6 +340,22 @@ def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: s
     return data
 
 
+SUBSET_SEED = 0  # the --max_train_samples subset is part of the setting, not of the run's seed
+
+
+def subset_indices(num_samples: int, max_samples: int) -> list[int]:
+    """The `--max_train_samples` subset: `max_samples` of `num_samples` indices drawn uniformly without replacement
+    with the fixed seed `SUBSET_SEED` (the same subset for every run and seed), in their original order.
+
+    A random subset rather than the first N, because folders list their files class by class: the first 200 of the
+    digits are 178 zeros and 22 ones. (diffusers' training scripts likewise shuffle with a seed before they select.)
+    """
+    if max_samples >= num_samples:
+        return list(range(num_samples))
+    keep = np.random.default_rng(SUBSET_SEED).choice(num_samples, size=max_samples, replace=False)
+    return sorted(int(i) for i in keep)
+
+
 class ImageSource(abc.ABC):
     """The images of a data source, by index, with their labels; no transforms (that is `Augmentation`).
 
@@ -387,8 +404,9 @@ class ImageFolderSource(ImageSource):
     ):
         files, labels, self.id2label = scan_image_folder(folder, label_column, on_bad_image)
         if max_samples is not None:
-            files = files[:max_samples]
-            labels = labels[:max_samples] if labels is not None else None
+            keep = subset_indices(len(files), max_samples)
+            files = [files[i] for i in keep]
+            labels = [labels[i] for i in keep] if labels is not None else None
         readable = scan_images(files, on_bad_image)  # one decoding pass: {index: size} of the readable files
         self.files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
         self.labels = [labels[i] for i in readable] if labels is not None else None
@@ -446,8 +464,9 @@ class HFDatasetSource(ImageSource):
         if label_column is not None and (label_column in data.column_names or label_column != "label"):
             data = self._read_labels(data, dataset_name, label_column, on_bad_image)
         if max_samples is not None:
-            data = data.select(range(min(max_samples, len(data))))
-            self.labels = self.labels[: len(data)] if self.labels is not None else None
+            keep = subset_indices(len(data), max_samples)
+            data = data.select(keep)
+            self.labels = [self.labels[i] for i in keep] if self.labels is not None else None
         self.name, self.image_column = dataset_name, image_column
         self.rows = data.with_format(None)
 

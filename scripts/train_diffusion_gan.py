@@ -12,6 +12,10 @@ optimizer steps, then one generator step (each of `--gradient_accumulation_steps
 `accelerator.accumulate` of the model it steps). The generator phase only takes the class labels of its batches.
 A training step (`--max_train_steps`, checkpoints, validation) is one generator step.
 
+Networks fit for small data (docs/BENCHMARKS.md): `--disc_trunk resnet` (residual D with minibatch std and a fully
+connected layer over its last 4x4 map), `--generator_layers_per_block 2`, `--ema_kimg 10` (an EMA half-life in
+thousands of images), at `--resolution 8` for the 8x8 digits.
+
 The output folder is a diffusers pipeline (`DiffusionGANPipeline`, EMA weights when `--use_ema`) with the
 discriminator in `discriminator/`, `T.png` / `T_history.json` (the diffusion length over training) and `checkpoint-N/`
 folders beside it (the adaptive diffusion state is in `checkpoint-N/adaptive_diffusion.pt`).
@@ -106,18 +110,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("generator")
     g.add_argument("--latent_dim", type=int, default=64, help="Size of z (and of the mapped code w).")
     g.add_argument("--generator_base_channels", type=int, default=64, help="Width of the generator's last block.")
+    g.add_argument(
+        "--generator_layers_per_block",
+        type=int,
+        default=1,
+        help="Modulated 3x3 convolutions per resolution (StyleGAN2: 2; 1 keeps the DCGAN-sized generator).",
+    )
+    g.add_argument(
+        "--ema_kimg",
+        type=float,
+        default=None,
+        help="EMA half-life in thousands of real images (StyleGAN2-ADA's auto config: batch·10/32, so 10 at batch 32): "
+        "decay 0.5^(batch/(ema_kimg·1000)) per step, ramped in by diffusers' (1+s)/(10+s). None: --ema_max_decay with "
+        "the --ema_inv_gamma warm-up.",
+    )
     d = parser.add_argument_group("discriminator")
     d.add_argument(
         "--disc_trunk",
         type=str,
         default="conv",
         choices=TRUNKS,
-        help="conv, vit or projected (frozen timm features; pair it with --diffusion_gan_preset projected_gan).",
+        help="conv, resnet (residual, minibatch std, fully connected over the 4x4 map; --resolution >= 8), vit or "
+        "projected (frozen timm features; pair it with --diffusion_gan_preset projected_gan).",
     )
     d.add_argument(
         "--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer / tokens / heads."
     )
     d.add_argument("--disc_num_layers", type=int, default=3, help="Conv layers or ViT blocks of the discriminator.")
+    d.add_argument(
+        "--disc_minibatch_std_group_size",
+        type=int,
+        default=4,
+        help="resnet trunk: samples per minibatch-std group (StyleGAN2: 4; 1 turns the statistic off).",
+    )
     d.add_argument("--disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
                    help="Spectral norm on every trainable layer of the timestep discriminator.")  # fmt: skip
     d.add_argument(
@@ -148,6 +173,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
+    if args.generator_layers_per_block < 1:
+        parser.error(f"--generator_layers_per_block must be >= 1, got {args.generator_layers_per_block}")
+    if args.disc_trunk == "resnet" and args.resolution < 8:
+        parser.error(
+            f"--disc_trunk resnet halves the image down to 4x4 and needs --resolution >= 8, got {args.resolution}"
+        )
+    if args.disc_minibatch_std_group_size < 1:
+        parser.error(f"--disc_minibatch_std_group_size must be >= 1, got {args.disc_minibatch_std_group_size}")
+    if args.ema_kimg is not None and args.ema_kimg <= 0:
+        parser.error(f"--ema_kimg (the EMA half-life in kimg) must be > 0, got {args.ema_kimg}")
+    if args.ema_kimg is not None and not args.use_ema:
+        parser.error("--ema_kimg sets the EMA half-life and needs --use_ema (not --no-use_ema)")
     data_config_from_args(args, parser), eval_config_from_args(args, parser)  # validate before any work
     check_optimizer_args(args, parser)
     try:
@@ -197,6 +234,15 @@ def p_budget_warning(config: DiffusionGANConfig, total_batch: int, max_train_ste
     )
 
 
+# StyleGAN2-ADA (`training_loop.py`): ema_beta = 0.5 ** (batch / ema_nimg), a half-life counted in images.
+def ema_decay_from_half_life(ema_kimg: float, total_batch: int) -> float:
+    """Per-step EMA decay β whose weight on the current weights halves every `ema_kimg`·1000 real images:
+    β^(ema_kimg·1000/total_batch) = 0.5."""
+    if ema_kimg <= 0:
+        raise ValueError(f"ema_kimg={ema_kimg} must be > 0.")
+    return 0.5 ** (total_batch / (ema_kimg * 1000))
+
+
 def build_discriminator(
     args, config: DiffusionGANConfig, num_channels: int, num_classes: int
 ) -> TimestepDiscriminator:
@@ -208,6 +254,7 @@ def build_discriminator(
         trunk=args.disc_trunk,
         base_channels=args.disc_base_channels,
         num_layers=args.disc_num_layers,
+        minibatch_std_group_size=args.disc_minibatch_std_group_size,
         spectral_norm=args.disc_spectral_norm,
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
@@ -309,6 +356,7 @@ def main(args: argparse.Namespace) -> None:
         latent_dim=args.latent_dim,
         base_channels=args.generator_base_channels,
         num_classes=num_classes or None,
+        layers_per_block=args.generator_layers_per_block,
     )
     discriminator = build_discriminator(args, config, dataset.num_channels, num_classes)
     diffusion = build_adaptive_diffusion(config, seed=args.seed).to(accelerator.device)
@@ -316,10 +364,13 @@ def main(args: argparse.Namespace) -> None:
 
     ema = None
     if args.use_ema:
+        # --ema_kimg: a half-life in images per generator step (one global batch of fakes each)
+        total_batch = args.train_batch_size * accelerator.num_processes * accumulation
+        half_life = args.ema_kimg is not None
         ema = EMAModel(
             generator.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
+            decay=ema_decay_from_half_life(args.ema_kimg, total_batch) if half_life else args.ema_max_decay,
+            use_ema_warmup=not half_life,
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
             model_cls=GANGenerator,
@@ -555,7 +606,8 @@ def main(args: argparse.Namespace) -> None:
                 [
                     f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
                     f"- Generator: `GANGenerator`, {sum(p.numel() for p in unwrapped_generator.parameters()) / 1e6:.2f}M "
-                    f"parameters, latent_dim {args.latent_dim}; EMA: {args.use_ema}.",
+                    f"parameters, latent_dim {args.latent_dim}; EMA: {args.use_ema}"
+                    + (f" (half-life {args.ema_kimg:g} kimg)." if args.ema_kimg is not None else "."),
                     f"- Discriminator (`discriminator/`): `TimestepDiscriminator`, trunk {disc.trunk}, t-conditioned "
                     f"{disc.t_conditioning}, class-conditional {disc.num_classes is not None}.",
                     f"- Diffusion-GAN: preset {config.preset}, diffusion {config.mode}, loss {config.loss_type}, "

@@ -176,3 +176,14 @@ def test_deterministic_view_turns_flips_off_and_crops_the_centre(tmp_path):
     assert view.labels == ds.labels and len(view) == len(ds)
     for key in range(3 * len(ds)):  # the same tensor for every epoch and augmentation seed
         torch.testing.assert_close(view[key]["pixel_values"], view.pixels(key % len(ds)))
+
+
+def test_max_train_samples_is_a_fixed_random_subset_of_every_class(tmp_path):
+    """The first 200 files of the digits folder are 178 zeros and 22 ones; the subset must cover the classes, and be
+    the same for every load (it is part of the setting, not of the run's seed)."""
+    config = DataConfig(cache_dir=str(tmp_path / "cache"), resolution=8, max_train_samples=200)
+    first, second = load_train_dataset(config), load_train_dataset(config)
+    labels = [first[i]["class_labels"].item() for i in range(len(first))]
+    assert len(first) == 200 and first.source.files == second.source.files
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() >= 10, counts
