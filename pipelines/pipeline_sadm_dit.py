@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (any diffusers scheduler works)
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 
 class SADMDiTPipeline(DiffusionPipeline):
@@ -191,15 +189,7 @@ class SADMDiTPipeline(DiffusionPipeline):
         else:
             output_images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
-                output_images = numpy_to_pil(output_images)
+                output_images = self.numpy_to_pil(output_images)
         if not return_dict:
             return (output_images,)
         return ImagePipelineOutput(images=output_images)
-
-
-def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """Float NHWC in [0, 1] -> PIL images ("L" for one channel, "RGB" for three)."""
-    uint8 = (images * 255).round().astype(np.uint8)
-    if uint8.shape[-1] == 1:
-        return [Image.fromarray(image[..., 0], mode="L") for image in uint8]
-    return [Image.fromarray(image) for image in uint8]

@@ -6,7 +6,7 @@ returns them for folders that sadm exported.
 
 import diffusers
 
-from .data import load_train_dataset
+from .data import DataConfig, load_train_dataset
 from .losses import denoising_loss, predict_x0, training_target, vlb_loss
 from .models import DIT_PRESETS, build_dit
 from .models.generator import GANGenerator  # puts sadm.models.generator, named in model_index.json, in sys.modules
@@ -20,6 +20,7 @@ for _pipeline_class in (SADMDiTPipeline, DiffusionGANPipeline):
 
 __all__ = [
     "DIT_PRESETS",
+    "DataConfig",
     "DiffusionGANPipeline",
     "GANGenerator",
     "SADMDiTPipeline",

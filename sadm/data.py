@@ -1,21 +1,25 @@
 """Every image source -> (image tensor in [-1, 1], class label or none).
 
-Three ways in, one dataset class out:
-- `--dataset_name`: a 🤗 datasets dataset (hub name, a `save_to_disk` folder, or anything `load_dataset` reads);
-- `--train_data_dir`: an image folder with class subfolders, or with a `metadata.csv` / `metadata.jsonl` naming files and labels;
-- neither: the embedded default, scikit-learn's `load_digits()` (1797 real 8x8 handwritten digits, 10 classes), written once
-  as an image folder into a cache directory and then read through the same image-folder path.
+`DataConfig` holds the data options (validated once); `load_train_dataset(config)` picks the source and returns one
+`ImageLabelDataset`:
+- `HFDatasetSource` (`dataset_name`): a 🤗 datasets dataset (hub name, a `save_to_disk` folder, or anything
+  `load_dataset` reads);
+- `ImageFolderSource` (`train_data_dir`): an image folder with class subfolders, or with a `metadata.csv` /
+  `metadata.jsonl` naming files and labels;
+- `DigitsSource` (neither): the embedded default, scikit-learn's `load_digits()` (1797 real 8x8 handwritten digits, 10
+  classes), written once as an image folder into a cache directory and then read as an image folder.
+A source only reads images and labels; `Augmentation` is the one place images become tensors (resize, crop, flip).
 """
 
 from __future__ import annotations
 
-import argparse
+import abc
 import csv
 import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,71 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # PIL modes that carry a single intensity channel; everything else is read as RGB.
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they become tensors (the `--` flags of `sadm.cli.add_data_args`).
+
+    Args:
+        dataset_name (`str`, *optional*): a 🤗 datasets name or a local dataset folder.
+        dataset_config_name (`str`, *optional*): the dataset's config name.
+        train_data_dir (`str`, *optional*): an image folder (class subfolders, or metadata.csv/metadata.jsonl). Neither
+            this nor `dataset_name`: the embedded digits.
+        image_column (`str`): image column of a 🤗 dataset.
+        label_column (`str`, *optional*): the label column of a 🤗 dataset or metadata file. The default "label" is used
+            when present and otherwise the data is unlabeled; any other name must exist.
+        resolution (`int`): training resolution (images are resized and cropped to it).
+        center_crop (`bool`): centre crop instead of a random crop.
+        random_flip (`bool`): random horizontal flips.
+        max_train_samples (`int`, *optional*): keep a random subset of N samples, the same for every run
+            (`subset_indices`).
+        num_channels (`int`, *optional*): 1 or 3; by default taken from the first image.
+        cache_dir (`str`, *optional*): cache of 🤗 datasets and of the embedded digits folder.
+        unconditional (`bool`): ignore labels even when the data has them.
+        on_bad_image (`str`): "error" stops on an unreadable or truncated image file, or a row without a label, naming
+            it; "skip" drops them with one warning giving their count and a few names. Image files are decoded once up
+            front; 🤗 dataset rows are checked for labels only (their images decode lazily).
+        small_images (`str`): images smaller than `resolution` on their short side are "upscale"d (with one warning
+            giving their count) or stop the run naming the first ("refuse", checked up front for every image).
+    """
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    image_column: str = "image"
+    label_column: str | None = "label"
+    resolution: int = 16
+    center_crop: bool = False
+    random_flip: bool = False
+    max_train_samples: int | None = None
+    num_channels: int | None = None
+    cache_dir: str | None = None
+    unconditional: bool = False
+    on_bad_image: str = "error"
+    small_images: str = "upscale"
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+        if self.small_images not in ("upscale", "refuse"):
+            raise ValueError(f"--small_images must be 'upscale' or 'refuse', got {self.small_images!r}.")
+        if self.dataset_name is not None and self.train_data_dir is not None:
+            raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
+        if self.resolution < 1:
+            raise ValueError(f"--resolution must be positive, got {self.resolution}.")
+        if self.num_channels not in (None, 1, 3):
+            raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}.")
+
+    @property
+    def is_digits(self) -> bool:
+        """True for the embedded digits (no `dataset_name`, no `train_data_dir`)."""
+        return self.dataset_name is None and self.train_data_dir is None
+
+    @property
+    def labels_from(self) -> str | None:
+        """The label column to read, `None` when `unconditional`."""
+        return None if self.unconditional else self.label_column
 
 
 def default_cache_dir() -> Path:
@@ -69,45 +138,6 @@ def digits_image_folder(cache_dir: str | os.PathLike | None = None) -> Path:
         if not (folder / "DONE").exists():
             raise
     return folder
-
-
-# Regions (left, top, right, bottom) of scikit-learn's two sample photographs (640x427) that make the classes of
-# `sample_crops_image_folder`: a fine-tuning target unlike the digits that ships with an installed package.
-SAMPLE_CROP_REGIONS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
-    "building": ("china.jpg", (90, 80, 330, 340)),  # the pagoda
-    "leaves": ("flower.jpg", (0, 0, 160, 420)),  # the dark, blurred foliage left of the dahlia
-    "petals": ("flower.jpg", (210, 130, 390, 310)),  # inside the dahlia
-    "sky": ("china.jpg", (370, 0, 620, 130)),  # hazy sky right of the pagoda
-}
-
-
-def sample_crops_image_folder(
-    output_dir: str | os.PathLike, per_class: int = 100, size: int = 16, seed: int = 0
-) -> Path:
-    """Write greyscale `size`x`size` crops of scikit-learn's sample photographs as `<output_dir>/<class>/<i>.png`.
-
-    Each crop is a random square window of 32-64 px inside the class's region (`SAMPLE_CROP_REGIONS`), resized to
-    `size` with a box filter. Deterministic for a given `seed`; refuses a non-empty `output_dir`.
-    """
-    from sklearn.datasets import load_sample_images
-
-    root = Path(output_dir)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; choose a new folder for the crops.")
-    photos = load_sample_images()
-    images = {
-        Path(name).name: Image.fromarray(array).convert("L") for name, array in zip(photos.filenames, photos.images)
-    }
-    rng = np.random.default_rng(seed)
-    for name, (photo, (left, top, right, bottom)) in SAMPLE_CROP_REGIONS.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            window = int(rng.integers(32, min(64, right - left, bottom - top) + 1))
-            x = int(rng.integers(left, right - window + 1))
-            y = int(rng.integers(top, bottom - window + 1))
-            crop = images[photo].crop((x, y, x + window, y + window)).resize((size, size), Image.Resampling.BOX)
-            crop.save(root / name / f"{i:04d}.png")
-    return root
 
 
 def _label_table(raw_labels: list) -> tuple[list[int], dict[int, str]]:
@@ -184,7 +214,6 @@ def scan_image_folder(
     (`folder/<class name>/<image>`), or a flat folder of images (unlabeled). Metadata rows without a label and files
     named in the metadata that do not exist stop the scan (`on_bad_image="error"`) or are dropped with a warning ("skip").
     """
-    check_on_bad_image(on_bad_image)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} does not exist or is not a folder.")
@@ -228,11 +257,6 @@ def scan_image_folder(
     return files, labels, id2label
 
 
-def check_on_bad_image(on_bad_image: str) -> None:
-    if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
-
-
 def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int] | None, str | None]:
     """`(size, None)` when `path` decodes completely, else `(None, why it cannot be used as a training image)`.
 
@@ -258,7 +282,6 @@ def scan_images(paths: list[Path], on_bad_image: str = "error") -> dict[int, tup
         on_bad_image (`str`): "error" stops at the first unreadable or truncated file, naming it; "skip" drops such files
             and warns once with their count and a few of their names.
     """
-    check_on_bad_image(on_bad_image)
     sizes, bad = {}, []
     for index, path in enumerate(paths):
         size, error = probe_image(path)
@@ -297,123 +320,6 @@ def to_mode(image: Image.Image, num_channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-class ImageLabelDataset(Dataset):
-    """Images (any source) with optional integer labels, transformed to `[C, H, W]` float tensors in [-1, 1].
-
-    Items are `{"pixel_values": Tensor[C, H, W], "class_labels": LongTensor[], "sample_keys": LongTensor[]}`; the label
-    key only when the data is labeled. `sample_keys` is the key the item was read with (see `__getitem__`): the training
-    scripts can seed per-sample noise with it (`--per_sample_noise`).
-    """
-
-    def __init__(
-        self,
-        load_image: Callable[[int], Image.Image],
-        num_items: int,
-        labels: list[int] | None,
-        id2label: dict[int, str] | None,
-        num_channels: int,
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        describe: Callable[[int], str] = str,
-        small_images: str = "upscale",
-    ):
-        self.load_image = load_image
-        self.num_items = num_items
-        self.labels = labels
-        self.id2label = id2label
-        self.num_classes = len(id2label) if id2label else 0
-        self.num_channels = num_channels
-        self.resolution = resolution
-        self.describe = describe
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.augment_seed = 0
-        self.small_images = small_images
-        self.resize = transforms.Resize(resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        self.normalize = transforms.Normalize([0.5] * num_channels, [0.5] * num_channels)
-
-    def __len__(self) -> int:
-        return self.num_items
-
-    def load(self, index: int) -> Image.Image:
-        """Image `index` in mode "L" or "RGB"; with `small_images="refuse"`, one smaller than the resolution stops the run."""
-        try:
-            image = to_mode(self.load_image(index), self.num_channels)
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"Cannot read image {self.describe(index)}: {error}") from error
-        if self.small_images == "refuse" and min(image.size) < self.resolution:
-            raise ValueError(
-                f"Image {self.describe(index)} is {image.size[0]}x{image.size[1]}, smaller than --resolution "
-                f"{self.resolution} (--small_images refuse; 'upscale' resizes it up)."
-            )
-        return image
-
-    def draw_flip(self, key: int, seed: int | None = None) -> bool:
-        """The flip `__getitem__` applies to `key` when no random crop is drawn first (the latent cache replays it)."""
-        seed = self.augment_seed if seed is None else seed
-        return bool(torch.rand((), generator=augment_generator(seed, key)) < 0.5)
-
-    def pixels(self, index: int) -> torch.Tensor:
-        """Image `index` resized and cropped to `[C, H, W]` in [-1, 1] without random augmentation (for caching).
-
-        A random crop cannot be replayed from a cache: an image that `__getitem__` would crop at random raises."""
-        image = self.resize(self.load(index))
-        if self.center_crop:
-            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
-        elif image.size != (self.resolution, self.resolution):
-            raise ValueError(
-                f"Image {self.describe(index)} is {image.size[0]}x{image.size[1]} after resizing to --resolution "
-                f"{self.resolution} and would be cropped at random, which a latent cache cannot replay: pass "
-                "--center_crop with --cache_latents."
-            )
-        return self.normalize(transforms.functional.to_tensor(image))
-
-    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
-        """`key` is an index, or `epoch * len(self) + index` as `EpochShuffleSampler` yields it.
-
-        Random crops and flips draw from a generator seeded by (augment_seed, key), never from the global RNG, so the
-        augmentation of every sample is fixed by the epoch and index: a resumed run sees the same images, with any
-        number of workers.
-        """
-        index = key % self.num_items
-        image = self.load(index)
-        generator = augment_generator(self.augment_seed, key)
-        image = self.resize(image)
-        width, height = image.size
-        if self.center_crop:
-            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
-        elif (width, height) != (self.resolution, self.resolution):
-            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
-            image = transforms.functional.crop(image, top, left, self.resolution, self.resolution)
-        pixel_values = self.normalize(transforms.functional.to_tensor(image))  # [C, H, W] in [-1, 1]
-        if self.random_flip and torch.rand((), generator=generator) < 0.5:
-            pixel_values = pixel_values.flip(-1)
-        item = {"pixel_values": pixel_values, "sample_keys": torch.tensor(key, dtype=torch.long)}
-        if self.labels is not None:
-            item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
-        return item
-
-
-def augment_generator(seed: int, key: int) -> torch.Generator:
-    """The generator of one sample's crop and flip draws, fixed by the seed and the sampler key."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + key)
-
-
-def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
-    pixel_values = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
-    labels = torch.stack([e["class_labels"] for e in examples]) if "class_labels" in examples[0] else None
-    keys = torch.stack([e["sample_keys"] for e in examples]) if "sample_keys" in examples[0] else None
-    return {"pixel_values": pixel_values, "class_labels": labels, "sample_keys": keys}
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
-
-
 def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None):
     import datasets
 
@@ -434,212 +340,386 @@ def _hf_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: s
     return data
 
 
-def load_train_dataset(
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_data_dir: str | None = None,
-    image_column: str = "image",
-    label_column: str | None = "label",
-    resolution: int = 16,
-    center_crop: bool = False,
-    random_flip: bool = False,
-    max_train_samples: int | None = None,
-    num_channels: int | None = None,
-    cache_dir: str | None = None,
-    unconditional: bool = False,
-    on_bad_image: str = "error",
-    small_images: str = "upscale",
-) -> ImageLabelDataset:
-    """Build the training set from whichever source is given (see the module docstring).
+SUBSET_SEED = 0  # the --max_train_samples subset is part of the setting, not of the run's seed
 
-    Args:
-        label_column (`str`, *optional*): the label column of a 🤗 dataset or metadata file. The default "label" is used when
-            present and otherwise the data is unlabeled; any other name must exist.
-        num_channels (`int`, *optional*): 1 or 3; by default taken from the first image.
-        unconditional (`bool`): ignore labels even when the data has them.
-        on_bad_image (`str`): "error" (default) stops on an unreadable or truncated image file, or a row without a label,
-            naming it; "skip" drops them with one warning giving their count and a few names. Image files are decoded
-            once up front; 🤗 dataset rows are checked for labels only (their images decode lazily).
-        small_images (`str`): images smaller than `resolution` on their short side are "upscale"d (with one warning
-            giving their count) or stop the run naming the first ("refuse", checked up front for every image).
+
+def subset_indices(num_samples: int, max_samples: int) -> list[int]:
+    """The `--max_train_samples` subset: `max_samples` of `num_samples` indices drawn uniformly without replacement
+    with the fixed seed `SUBSET_SEED` (the same subset for every run and seed), in their original order.
+
+    A random subset rather than the first N, because folders list their files class by class: the first 200 of the
+    digits are 178 zeros and 22 ones. (diffusers' training scripts likewise shuffle with a seed before they select.)
     """
-    check_on_bad_image(on_bad_image)
-    if small_images not in ("upscale", "refuse"):
-        raise ValueError(f"--small_images must be 'upscale' or 'refuse', got {small_images!r}.")
-    if dataset_name is not None and train_data_dir is not None:
-        raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
-    if resolution < 1:
-        raise ValueError(f"--resolution must be positive, got {resolution}.")
-    if num_channels not in (None, 1, 3):
-        raise ValueError(f"--num_channels must be 1 or 3, got {num_channels}.")
-    if unconditional:
-        label_column = None
+    if max_samples >= num_samples:
+        return list(range(num_samples))
+    keep = np.random.default_rng(SUBSET_SEED).choice(num_samples, size=max_samples, replace=False)
+    return sorted(int(i) for i in keep)
 
-    if dataset_name is not None:
+
+class ImageSource(abc.ABC):
+    """The images of a data source, by index, with their labels; no transforms (that is `Augmentation`).
+
+    Attributes:
+        labels (`list[int]`, *optional*): label ids 0..K-1 per image; `None` for unlabeled data.
+        id2label (`dict[int, str]`, *optional*): class names.
+        warn_small_images (`bool`): warn once when images are smaller than the resolution.
+    """
+
+    labels: list[int] | None = None
+    id2label: dict[int, str] | None = None
+    warn_small_images = True
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def load(self, index: int) -> Image.Image:
+        """Image `index` as PIL opened it (any mode)."""
+
+    @abc.abstractmethod
+    def describe(self, index: int) -> str:
+        """How an error names image `index` (a path, or `dataset[index]`)."""
+
+    def size(self, index: int) -> tuple[int, int]:
+        """`(width, height)` of image `index`."""
+        return self.load(index).size
+
+    def indices_to_size_up_front(self, refuse_small: bool) -> range:
+        """The images whose size is checked before training (all of them where that costs no decoding)."""
+        return range(len(self))
+
+
+class ImageFolderSource(ImageSource):
+    """An image folder: class subfolders, `metadata.csv` / `metadata.jsonl`, or flat (see `scan_image_folder`).
+
+    Every file is decoded once here (`scan_images`), so a bad file is named before training starts.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        label_column: str | None = "label",
+        on_bad_image: str = "error",
+        max_samples: int | None = None,
+    ):
+        files, labels, self.id2label = scan_image_folder(folder, label_column, on_bad_image)
+        if max_samples is not None:
+            keep = subset_indices(len(files), max_samples)
+            files = [files[i] for i in keep]
+            labels = [labels[i] for i in keep] if labels is not None else None
+        readable = scan_images(files, on_bad_image)  # one decoding pass: {index: size} of the readable files
+        self.files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
+        self.labels = [labels[i] for i in readable] if labels is not None else None
+        self.sizes = list(readable.values())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as image:
+            image.load()
+            return image
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
+
+    def size(self, index: int) -> tuple[int, int]:
+        return self.sizes[index]
+
+
+class DigitsSource(ImageFolderSource):
+    """The embedded default: scikit-learn's digits as an image folder in the cache (`digits_image_folder`), upscaled from
+    8x8 by design (no warning)."""
+
+    warn_small_images = False
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        label_column: str | None = "label",
+        on_bad_image: str = "error",
+        max_samples: int | None = None,
+    ):
+        super().__init__(digits_image_folder(cache_dir), label_column, on_bad_image, max_samples)
+
+
+class HFDatasetSource(ImageSource):
+    """A 🤗 datasets dataset (its `train` split). Rows decode lazily: only their labels are checked up front."""
+
+    def __init__(
+        self,
+        dataset_name: str,
+        dataset_config_name: str | None = None,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        on_bad_image: str = "error",
+        max_samples: int | None = None,
+        cache_dir: str | None = None,
+    ):
         data = _hf_dataset(dataset_name, dataset_config_name, cache_dir)
         if image_column not in data.column_names:
             raise ValueError(
                 f"--image_column '{image_column}' is not a column of {dataset_name}; columns are {data.column_names}."
             )
-        labels, id2label = None, None
         if label_column is not None and (label_column in data.column_names or label_column != "label"):
-            if label_column not in data.column_names:
-                raise ValueError(
-                    f"--label_column '{label_column}' is not a column of {dataset_name}; columns are {data.column_names}."
-                )
-            raw = data[label_column]
-            missing = [i for i, v in enumerate(raw) if v is None]
-            if missing and on_bad_image == "error":
-                raise ValueError(
-                    f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}' "
-                    "(--on_bad_image skip drops them)."
-                )
-            if missing:
-                warnings.warn(
-                    f"--on_bad_image skip: dropped {len(missing)} row(s) of {dataset_name} without a value in "
-                    f"'{label_column}', e.g. rows {missing[:3]}.",
-                    stacklevel=2,
-                )
-                gone = set(missing)
-                data = data.select([i for i in range(len(raw)) if i not in gone])
-                raw = data[label_column]
-            feature = data.features[label_column]
-            if hasattr(feature, "names"):  # datasets.ClassLabel
-                labels, id2label = [int(v) for v in raw], dict(enumerate(feature.names))
-                bad = [v for v in labels if not 0 <= v < len(feature.names)]
-                if bad:
-                    raise ValueError(
-                        f"Label {bad[0]} in '{label_column}' is out of range for {len(feature.names)} classes."
-                    )
-            else:
-                labels, id2label = _label_table(list(raw))
-        if max_train_samples is not None:
-            data = data.select(range(min(max_train_samples, len(data))))
-            labels = labels[: len(data)] if labels is not None else None
-        images = data.with_format(None)
+            data = self._read_labels(data, dataset_name, label_column, on_bad_image)
+        if max_samples is not None:
+            keep = subset_indices(len(data), max_samples)
+            data = data.select(keep)
+            self.labels = [self.labels[i] for i in keep] if self.labels is not None else None
+        self.name, self.image_column = dataset_name, image_column
+        self.rows = data.with_format(None)
 
-        def load_image(index: int) -> Image.Image:
-            image = images[index][image_column]
-            return (
-                image
-                if isinstance(image, Image.Image)
-                else Image.open(image["path"] if isinstance(image, dict) else image)
+    def _read_labels(self, data, dataset_name: str, label_column: str, on_bad_image: str):
+        if label_column not in data.column_names:
+            raise ValueError(
+                f"--label_column '{label_column}' is not a column of {dataset_name}; columns are {data.column_names}."
             )
+        raw = data[label_column]
+        missing = [i for i, v in enumerate(raw) if v is None]
+        if missing and on_bad_image == "error":
+            raise ValueError(
+                f"--dataset_name {dataset_name}: rows {missing[:5]} have no value in '{label_column}' "
+                "(--on_bad_image skip drops them)."
+            )
+        if missing:
+            warnings.warn(
+                f"--on_bad_image skip: dropped {len(missing)} row(s) of {dataset_name} without a value in "
+                f"'{label_column}', e.g. rows {missing[:3]}.",
+                stacklevel=3,
+            )
+            gone = set(missing)
+            data = data.select([i for i in range(len(raw)) if i not in gone])
+            raw = data[label_column]
+        feature = data.features[label_column]
+        if hasattr(feature, "names"):  # datasets.ClassLabel
+            self.labels, self.id2label = [int(v) for v in raw], dict(enumerate(feature.names))
+            bad = [v for v in self.labels if not 0 <= v < len(feature.names)]
+            if bad:
+                raise ValueError(
+                    f"Label {bad[0]} in '{label_column}' is out of range for {len(feature.names)} classes."
+                )
+        else:
+            self.labels, self.id2label = _label_table(list(raw))
+        return data
 
-        describe = lambda index: f"{dataset_name}[{index}]"  # noqa: E731
-        num_items = len(data)
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, index: int) -> Image.Image:
+        image = self.rows[index][self.image_column]
+        if isinstance(image, Image.Image):
+            return image
+        return Image.open(image["path"] if isinstance(image, dict) else image)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def indices_to_size_up_front(self, refuse_small: bool) -> range:
         # 🤗 rows decode lazily: only "refuse" pays for opening every image up front
-        image_size = lambda index: load_image(index).size  # noqa: E731
-        sized = range(num_items) if small_images == "refuse" else range(min(num_items, 1))
-    else:
-        folder = Path(train_data_dir) if train_data_dir is not None else digits_image_folder(cache_dir)
-        files, labels, id2label = scan_image_folder(folder, label_column, on_bad_image)
-        if max_train_samples is not None:
-            files = files[:max_train_samples]
-            labels = labels[:max_train_samples] if labels is not None else None
-        readable = scan_images(files, on_bad_image)  # one decoding pass: {index: size} of the readable files
-        files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
-        labels = [labels[i] for i in readable] if labels is not None else None
-        sizes = list(readable.values())
+        return range(len(self)) if refuse_small else range(min(len(self), 1))
 
-        def load_image(index: int) -> Image.Image:
-            return _open(files[index])
 
-        image_size = sizes.__getitem__
+def image_source(config: DataConfig) -> ImageSource:
+    """The source `config` names: a 🤗 dataset, an image folder, or the embedded digits."""
+    if config.dataset_name is not None:
+        return HFDatasetSource(
+            config.dataset_name,
+            config.dataset_config_name,
+            config.image_column,
+            config.labels_from,
+            config.on_bad_image,
+            config.max_train_samples,
+            config.cache_dir,
+        )
+    if config.train_data_dir is not None:
+        return ImageFolderSource(
+            config.train_data_dir, config.labels_from, config.on_bad_image, config.max_train_samples
+        )
+    return DigitsSource(config.cache_dir, config.labels_from, config.on_bad_image, config.max_train_samples)
 
-        describe = lambda index: str(files[index])  # noqa: E731
-        num_items = len(files)
-        sized = range(num_items)
 
-    if num_items == 0:
+def augment_generator(seed: int, key: int) -> torch.Generator:
+    """The generator of one sample's crop and flip draws, fixed by the seed and the sampler key."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + key)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """PIL image -> `[C, H, W]` float tensor in [-1, 1]: the one place images are resized, cropped and flipped.
+
+    The short side is resized to `resolution` (bilinear, antialiased); then a centre crop, or a random crop drawn from the
+    sample's generator; then a horizontal flip with probability 1/2 when `random_flip`, drawn from the same generator.
+
+    Args:
+        resolution (`int`): output height and width.
+        num_channels (`int`): 1 ("L") or 3 ("RGB").
+        center_crop (`bool`): centre crop instead of a random one.
+        random_flip (`bool`): random horizontal flips.
+    """
+
+    resolution: int
+    num_channels: int
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        return transforms.functional.resize(
+            image, self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
+
+    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+        return transforms.functional.to_tensor(image) * 2 - 1  # [C, H, W] in [-1, 1]
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        """The augmented image; random draws (crop top, crop left, flip) come from `generator` only."""
+        image = self._resize(image)
+        width, height = image.size
+        if self.center_crop:
+            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
+        elif (width, height) != (self.resolution, self.resolution):
+            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
+            image = transforms.functional.crop(image, top, left, self.resolution, self.resolution)
+        pixel_values = self._to_tensor(image)
+        if self.random_flip and self.draw_flip(generator):
+            pixel_values = pixel_values.flip(-1)
+        return pixel_values
+
+    @staticmethod
+    def draw_flip(generator: torch.Generator) -> bool:
+        return bool(torch.rand((), generator=generator) < 0.5)
+
+    def without_random_draws(self, image: Image.Image, description: str) -> torch.Tensor:
+        """Resized and cropped, never flipped; an image that would be cropped at random raises (a cache cannot replay it)."""
+        image = self._resize(image)
+        if self.center_crop:
+            image = transforms.functional.center_crop(image, [self.resolution, self.resolution])
+        elif image.size != (self.resolution, self.resolution):
+            raise ValueError(
+                f"Image {description} is {image.size[0]}x{image.size[1]} after resizing to --resolution "
+                f"{self.resolution} and would be cropped at random, which a latent cache cannot replay: pass "
+                "--center_crop with --cache_latents."
+            )
+        return self._to_tensor(image)
+
+
+class ImageLabelDataset(Dataset):
+    """The images of a source, augmented, with optional integer labels.
+
+    Items are `{"pixel_values": Tensor[C, H, W], "class_labels": LongTensor[], "sample_keys": LongTensor[]}`; the label
+    key only when the data is labeled. `sample_keys` is the key the item was read with (see `__getitem__`): the training
+    scripts can seed per-sample noise with it (`--per_sample_noise`).
+
+    Args:
+        source (`ImageSource`): the images and labels.
+        augmentation (`Augmentation`): how an image becomes a tensor.
+        small_images (`str`): "refuse" stops at an image smaller than the resolution, naming it; "upscale" resizes it up.
+    """
+
+    def __init__(self, source: ImageSource, augmentation: Augmentation, small_images: str = "upscale"):
+        self.source = source
+        self.augmentation = augmentation
+        self.small_images = small_images
+        self.labels, self.id2label = source.labels, source.id2label
+        self.num_classes = len(self.id2label) if self.id2label else 0
+        self.augment_seed = 0  # set by `sadm.training.make_dataloader` to the run's seed
+
+    @property
+    def num_channels(self) -> int:
+        return self.augmentation.num_channels
+
+    @property
+    def resolution(self) -> int:
+        return self.augmentation.resolution
+
+    @property
+    def center_crop(self) -> bool:
+        return self.augmentation.center_crop
+
+    @property
+    def random_flip(self) -> bool:
+        return self.augmentation.random_flip
+
+    def with_augmentation(self, augmentation: Augmentation) -> ImageLabelDataset:
+        """The same images and labels under another augmentation (e.g. flips off for reference statistics)."""
+        dataset = ImageLabelDataset(self.source, augmentation, self.small_images)
+        dataset.augment_seed = self.augment_seed
+        return dataset
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
+
+    def load(self, index: int) -> Image.Image:
+        """Image `index` in mode "L" or "RGB"; with `small_images="refuse"`, one smaller than the resolution stops the run."""
+        try:
+            image = to_mode(self.source.load(index), self.num_channels)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Cannot read image {self.describe(index)}: {error}") from error
+        if self.small_images == "refuse" and min(image.size) < self.resolution:
+            raise ValueError(
+                f"Image {self.describe(index)} is {image.size[0]}x{image.size[1]}, smaller than --resolution "
+                f"{self.resolution} (--small_images refuse; 'upscale' resizes it up)."
+            )
+        return image
+
+    def draw_flip(self, key: int, seed: int | None = None) -> bool:
+        """The flip `__getitem__` applies to `key` when no random crop is drawn first (the latent cache replays it)."""
+        seed = self.augment_seed if seed is None else seed
+        return self.augmentation.draw_flip(augment_generator(seed, key))
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` resized and cropped to `[C, H, W]` in [-1, 1] without random augmentation (for caching).
+
+        A random crop cannot be replayed from a cache: an image that `__getitem__` would crop at random raises."""
+        return self.augmentation.without_random_draws(self.load(index), self.describe(index))
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        """`key` is an index, or `epoch * len(self) + index` as `EpochShuffleSampler` yields it.
+
+        Random crops and flips draw from a generator seeded by (augment_seed, key), never from the global RNG, so the
+        augmentation of every sample is fixed by the epoch and index: a resumed run sees the same images, with any
+        number of workers.
+        """
+        index = key % len(self)
+        pixel_values = self.augmentation(self.load(index), augment_generator(self.augment_seed, key))
+        item = {"pixel_values": pixel_values, "sample_keys": torch.tensor(key, dtype=torch.long)}
+        if self.labels is not None:
+            item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
+        return item
+
+
+def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+    pixel_values = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
+    labels = torch.stack([e["class_labels"] for e in examples]) if "class_labels" in examples[0] else None
+    keys = torch.stack([e["sample_keys"] for e in examples]) if "sample_keys" in examples[0] else None
+    return {"pixel_values": pixel_values, "class_labels": labels, "sample_keys": keys}
+
+
+def load_train_dataset(config: DataConfig) -> ImageLabelDataset:
+    """The training set `config` describes (see the module docstring); bad or small images are named up front."""
+    source = image_source(config)
+    if len(source) == 0:
         raise ValueError("The training set is empty (check --max_train_samples and the data source).")
-    first = load_image(0)
-    if num_channels is None:
-        num_channels = image_channels(first)
-    small = [(index, size) for index in sized if min(size := image_size(index)) < resolution]
-    if small and small_images == "refuse":
+    num_channels = config.num_channels or image_channels(source.load(0))
+    resolution = config.resolution
+    sized = source.indices_to_size_up_front(refuse_small=config.small_images == "refuse")
+    small = [(index, size) for index in sized if min(size := source.size(index)) < resolution]
+    if small and config.small_images == "refuse":
         index, (width, height) = small[0]
         raise ValueError(
-            f"{len(small)} image(s) are smaller than --resolution {resolution}, e.g. {describe(index)} is "
+            f"{len(small)} image(s) are smaller than --resolution {resolution}, e.g. {source.describe(index)} is "
             f"{width}x{height} (--small_images refuse; 'upscale' resizes them up)."
         )
-    # the embedded 8x8 digits are upscaled by design; other small images warn once
-    if small and (train_data_dir is not None or dataset_name is not None):
+    if small and source.warn_small_images:
         index, (width, height) = small[0]
         warnings.warn(
-            f"{len(small)} image(s) are smaller than --resolution {resolution} (e.g. {describe(index)} is "
+            f"{len(small)} image(s) are smaller than --resolution {resolution} (e.g. {source.describe(index)} is "
             f"{width}x{height}); they are upscaled (--small_images refuse stops instead).",
             stacklevel=2,
         )
-    return ImageLabelDataset(
-        load_image, num_items, labels, id2label, num_channels, resolution, center_crop, random_flip, describe,
-        small_images,
-    )  # fmt: skip
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags shared by every script, named as in diffusers' training examples."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", type=str, default=None, help="A 🤗 datasets name or a local dataset folder.")
-    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config name.")
-    group.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="An image folder (class subfolders, or metadata.csv/metadata.jsonl). Neither this nor --dataset_name: the digits default.",
-    )
-    group.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
-    group.add_argument(
-        "--label_column",
-        type=str,
-        default="label",
-        help="Label column; the default 'label' is optional, other names must exist.",
-    )
-    group.add_argument("--unconditional", action="store_true", help="Ignore labels and train an unconditional model.")
-    group.add_argument(
-        "--resolution", type=int, default=16, help="Training resolution (images are resized and cropped to it)."
-    )
-    group.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
-    group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training samples.")
-    group.add_argument(
-        "--num_channels", type=int, default=None, choices=[1, 3], help="Force greyscale (1) or RGB (3)."
-    )
-    group.add_argument(
-        "--on_bad_image",
-        type=str,
-        default="error",
-        choices=["error", "skip"],
-        help="Unreadable/truncated image files and rows without a label: stop naming the first (error) or drop them "
-        "with one warning (skip).",
-    )
-    group.add_argument(
-        "--small_images",
-        type=str,
-        default="upscale",
-        choices=["upscale", "refuse"],
-        help="Images smaller than --resolution: resize them up with one warning (upscale) or stop naming one (refuse).",
-    )
-    group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
-    group.add_argument(
-        "--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder."
-    )
-
-
-def load_train_dataset_from_args(args: argparse.Namespace) -> ImageLabelDataset:
-    return load_train_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        max_train_samples=args.max_train_samples,
-        num_channels=args.num_channels,
-        cache_dir=args.data_cache_dir,
-        unconditional=args.unconditional,
-        on_bad_image=getattr(args, "on_bad_image", "error"),  # scripts built without the flag keep the strict default
-        small_images=getattr(args, "small_images", "upscale"),
-    )
+    augmentation = Augmentation(resolution, num_channels, config.center_crop, config.random_flip)
+    return ImageLabelDataset(source, augmentation, config.small_images)

@@ -257,13 +257,6 @@ class AdaptiveDiffusion(torch.nn.Module):
         self.register_buffer("timestep_table", torch.zeros(self.table_size, dtype=torch.long), persistent=False)
         self.update_T()
 
-    @classmethod
-    def from_preset(cls, preset: str, **kwargs) -> AdaptiveDiffusion:
-        """Diffusion-GAN's defaults for `stylegan2`, `projected_gan` or `insgen` (METHODS.md §2.2); kwargs override."""
-        if preset not in DIFFUSION_GAN_PRESETS:
-            raise ValueError(f"preset '{preset}' is not one of {', '.join(DIFFUSION_GAN_PRESETS)}.")
-        return cls(**{**DIFFUSION_GAN_PRESETS[preset], **kwargs})
-
     # Diffusion-GAN official code, `update_T`: T from p, β re-spaced over T, t-table refilled.
     def update_T(self) -> None:
         """Recompute T from p, ᾱ over the new T, and refill the t-table from the internal generator."""

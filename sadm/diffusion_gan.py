@@ -24,8 +24,10 @@ from accelerate.utils import extract_model_from_parallel
 
 from .diffusion_augment import BETA_SCHEDULES, DIFFUSION_GAN_PRESETS, T_TABLES, TS_DISTS, AdaptiveDiffusion
 from .losses.adversarial import GAN_LOSS_TYPES, gan_discriminator_loss, gan_generator_loss, r1_penalty
+from .models.timestep_discriminator import TimestepDiscriminator
 
 MODES = ("adaptive", "fixed", "none")
+TIMESTEP_WEIGHTINGS = ("none", "snr", "threshold")  # the gate w(t) on the DiT trainer's timesteps
 
 # loss and R1 per base GAN (official READMEs: StyleGAN2 `--cfg cifar` γ = 0.01; ProjectedGAN: hinge, no R1)
 LOSS_PRESETS: dict[str, dict] = {
@@ -112,6 +114,18 @@ class DiffusionGANConfig:
         default=True,
         metadata={"help": "Pass class labels to the discriminator (projection on a class embedding) when labeled."},
     )
+    timestep_weighting: str = field(
+        default="threshold",
+        metadata={
+            "help": "DiT trainer: which denoiser timesteps feed x̂₀ to the term, as a per-sample weight w(t): 'none', "
+            "'snr' (min(SNR_t, 5) / 5) or 'threshold' (t < t_threshold); x̂₀ is a blurry posterior mean at high "
+            "noise. Unused by the one-step GAN."
+        },
+    )
+    t_threshold: int = field(
+        default=250,
+        metadata={"help": "DiT trainer: denoiser timesteps t < this feed the term under 'threshold' (ours)."},
+    )
 
     def __post_init__(self):
         if self.preset not in DIFFUSION_GAN_PRESETS:
@@ -153,6 +167,12 @@ class DiffusionGANConfig:
             raise ValueError(f"disc_update_ratio={self.disc_update_ratio} must be >= 1.")
         if self.mode not in MODES:
             raise ValueError(f"mode '{self.mode}' is not one of {', '.join(MODES)}.")
+        if self.timestep_weighting not in TIMESTEP_WEIGHTINGS:
+            raise ValueError(
+                f"timestep_weighting '{self.timestep_weighting}' is not one of {', '.join(TIMESTEP_WEIGHTINGS)}."
+            )
+        if self.t_threshold < 1:
+            raise ValueError(f"t_threshold={self.t_threshold} must be >= 1 (0 would switch the term off).")
 
 
 def max_p_change(batch: int, d_steps: int, ada_kimg: float) -> float:
@@ -180,6 +200,40 @@ def build_adaptive_diffusion(config: DiffusionGANConfig, seed: int = 0) -> Adapt
         t_table=config.t_table,
         adaptive=config.mode == "adaptive",
         seed=seed,
+    )
+
+
+def build_timestep_discriminator(
+    config: DiffusionGANConfig,
+    in_channels: int,
+    sample_size: int,
+    num_classes: int | None,
+    trunk: str = "conv",
+    base_channels: int = 64,
+    num_layers: int = 3,
+    minibatch_std_group_size: int = 4,
+    spectral_norm: bool = False,
+    timm_model_name: str = "resnet18",
+    timm_pretrained_path: str | None = None,
+    timm_input_size: int | None = None,
+) -> TimestepDiscriminator:
+    """The timestep discriminator D(y, t[, class]) of both trainers, fitted to `config`: t-conditioned unless the
+    trunk is 'projected' (Diffusion-ProjectedGAN gives D no t) or `mode` is 'none' (t is always 0), with a timestep
+    table as long as `config.t_max`, class-conditional when the data has classes and `class_conditional_disc`."""
+    return TimestepDiscriminator(
+        in_channels=in_channels,
+        sample_size=sample_size,
+        trunk=trunk,
+        base_channels=base_channels,
+        num_layers=num_layers,
+        minibatch_std_group_size=minibatch_std_group_size,
+        t_conditioning=trunk != "projected" and config.mode != "none",
+        num_classes=num_classes if num_classes and config.class_conditional_disc else None,
+        max_timesteps=config.t_max,
+        spectral_norm=spectral_norm,
+        timm_model_name=timm_model_name,
+        timm_pretrained_path=timm_pretrained_path,
+        timm_input_size=timm_input_size,
     )
 
 

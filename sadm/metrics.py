@@ -1,34 +1,27 @@
-"""Sample-quality metrics on feature vectors, streaming feature statistics, and the feature networks that make them.
+"""Sample-quality maths on feature vectors, and the registry of metrics.
 
 - `frechet_distance` (FID's formula) in float64 with an eigenvalue-based matrix square root;
-- `FeatureStatistics`: streaming mean/covariance (Chan et al.'s parallel update), mergeable across processes, saved as
+- `FeatureStatistics`: mean/covariance accumulated in float64 (Chan et al.'s parallel update), mergeable, saved as
   `.npz` together with the identity of the feature network that produced it;
-- `kid`, `precision_recall`, `inception_score`, `conditional_accuracy`, `evaluate_features`;
-- feature networks (`torch.nn.Module`s mapping images in [-1, 1] to `[N, D]`, each with an `.identity` string):
-  `InceptionFeatures` (the FID Inception-v3, weights from a local file only), `TimmFeatures` (any timm backbone) and
-  `ModuleFeatures` (any module). The digit-classifier network lives in `sadm.models.digit_classifier.DigitsFeatures`.
+- `kid`, `improved_precision` / `precision_recall`, `inception_score`, `conditional_accuracy`;
+- `METRICS`: every metric by name, with its direction (higher or lower is better), the result keys it reports and
+  what it needs; `compute_metrics` runs any of them on the outputs of `sadm.evaluation`. A new metric is one entry.
 
-Sampling a pipeline and sharding feature extraction over processes is `sadm.evaluation`.
+The feature networks, sampling and feature extraction are `sadm.evaluation`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-# the metric names accepted by `evaluate_features` (the ones computed from features alone)
-FEATURE_METRICS = ("fid", "kid", "precision", "recall")
 # npz format version of `FeatureStatistics.save_npz`
 STATS_FORMAT_VERSION = 1
-INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS_NAME
-)
 
 
 def _to_float64_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -85,20 +78,19 @@ def frechet_distance(
 
 
 class FeatureStatistics:
-    r"""Streaming mean and covariance of feature vectors, in float64, equal to the statistics of the whole set at once.
+    r"""Mean and covariance of feature vectors, in float64, equal to the statistics of the whole set at once.
 
     Keeps the count n, the mean μ and the centred scatter M₂ = Σᵢ (xᵢ − μ)(xᵢ − μ)ᵀ, and combines batches with Chan et al.'s
     parallel update, which stays accurate when the mean is large compared to the spread (unlike Σ xxᵀ − n μμᵀ). The
     covariance is unbiased (`sigma` = M₂ / (n − 1)), as `np.cov` and every FID implementation use.
 
     Args:
-        num_features (`int`, *optional*): the feature dimension D; taken from the first `update` when not given. Needed
-            by `gather` on a process that received no samples.
+        num_features (`int`, *optional*): the feature dimension D; taken from the first `update` when not given.
 
     Attributes:
-        features (`torch.Tensor`, *optional*): the raw features, set only by `load_npz` when the file stored them (KID and
-            precision/recall need them; FID only needs μ and Σ).
-        feature_network_id (`str`, *optional*): the feature network identity, set by `load_npz`.
+        features (`torch.Tensor`, *optional*): the raw features `[N, D]`, set by `load_npz` when the file stored them and
+            by `sadm.evaluation.compute_reference_statistics` (KID and precision/recall need them; FID only needs μ and Σ).
+        feature_network_id (`str`, *optional*): the identity of the feature network that made the features.
     """
 
     def __init__(self, num_features: int | None = None):
@@ -158,23 +150,6 @@ class FeatureStatistics:
             )
         self._combine(other.count, other.mean, other.scatter)
         return self
-
-    def gather(self, accelerator) -> FeatureStatistics:
-        """The statistics of all processes merged (every process gets the same result). Collective: call on all processes.
-
-        Args:
-            accelerator (`accelerate.Accelerator`): the running accelerator.
-        """
-        if self.mean is None:
-            raise ValueError("FeatureStatistics.gather needs num_features on a process that received no samples.")
-        device = accelerator.device
-        counts = accelerator.gather(torch.tensor([self.count], device=device))  # [P]
-        means = accelerator.gather(self.mean.to(device)[None])  # [P, D]
-        scatters = accelerator.gather(self.scatter.to(device)[None])  # [P, D, D]
-        merged = FeatureStatistics(self.num_features)
-        for count, mean, scatter in zip(counts.tolist(), means, scatters):
-            merged._combine(int(count), mean.cpu(), scatter.cpu())
-        return merged
 
     @property
     def num_samples(self) -> int:
@@ -336,18 +311,7 @@ def _fraction_inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.
     return float(torch.cat(inside).float().mean())
 
 
-# Kynkäänniemi et al. 2019 (Improved Precision and Recall), Sec. 2: k-NN balls around each sample approximate a manifold
-def precision_recall(
-    real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3
-) -> tuple[float, float]:
-    """Improved precision and recall.
-
-    precision = fraction of fake samples inside the real manifold ∪ᵢ B(rᵢ, ‖rᵢ − NN_k(rᵢ)‖);
-    recall = fraction of real samples inside the fake manifold, built the same way from the fake samples.
-    Distances in float32 with `torch.cdist`, batched over rows (run it on a GPU for tens of thousands of samples).
-    """
-    real = torch.as_tensor(real).detach().float()
-    fake = torch.as_tensor(fake).detach().float().to(real.device)
+def _check_knn_sets(real: torch.Tensor, fake: torch.Tensor, k: int) -> None:
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(
             f"precision_recall needs [N, D] features of equal D, got {tuple(real.shape)} and {tuple(fake.shape)}."
@@ -356,9 +320,26 @@ def precision_recall(
         raise ValueError(
             f"k={k} must be >= 1 and smaller than both set sizes ({real.shape[0]} real, {fake.shape[0]} fake)."
         )
-    precision = _fraction_inside(fake, real, _knn_radii(real, k))
-    recall = _fraction_inside(real, fake, _knn_radii(fake, k))
-    return precision, recall
+
+
+# Kynkäänniemi et al. 2019 (Improved Precision and Recall), Sec. 2: k-NN balls around each sample approximate a manifold
+def improved_precision(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3) -> float:
+    """Fraction of `fake` samples inside the manifold of `real`, ∪ᵢ B(rᵢ, ‖rᵢ − NN_k(rᵢ)‖).
+
+    Recall is the same quantity with the roles swapped: `improved_precision(fake, real, k)`. Distances in float32 with
+    `torch.cdist`, batched over rows (run it on a GPU for tens of thousands of samples).
+    """
+    real = torch.as_tensor(real).detach().float()
+    fake = torch.as_tensor(fake).detach().float().to(real.device)
+    _check_knn_sets(real, fake, k)
+    return _fraction_inside(fake, real, _knn_radii(real, k))
+
+
+def precision_recall(
+    real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3
+) -> tuple[float, float]:
+    """Improved precision (fake samples inside the real manifold) and recall (real samples inside the fake manifold)."""
+    return improved_precision(real, fake, k), improved_precision(fake, real, k)
 
 
 # Salimans et al. 2016 (Improved Techniques for Training GANs), Sec. 4: IS = exp(E_x KL(p(y|x) ‖ p(y)))
@@ -399,220 +380,168 @@ def conditional_accuracy(logits_or_probs: torch.Tensor | np.ndarray, labels: tor
     return float((logits_or_probs.argmax(dim=1) == labels).float().mean())
 
 
-def evaluate_features(
-    real_feats: torch.Tensor | np.ndarray | FeatureStatistics,
-    fake_feats: torch.Tensor | np.ndarray,
-    metrics: tuple[str, ...] | list[str] = FEATURE_METRICS,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    seed: int = 0,
-) -> dict[str, float]:
-    """The feature-based metrics of fake samples against a reference.
+@dataclass(frozen=True)
+class MetricOptions:
+    """How the metrics that have parameters are estimated.
 
     Args:
-        real_feats: reference features `[N, D]`, or `FeatureStatistics` (FID only, unless it carries `.features`).
-        fake_feats: features of the generated samples `[M, D]`.
-        metrics: any of "fid", "kid", "precision", "recall".
+        kid_subsets (`int`): KID: number of random subsets.
+        kid_subset_size (`int`): KID: samples per subset (capped at the smaller set).
+        pr_k (`int`): precision/recall: k of the k-NN balls.
+        is_splits (`int`): Inception Score: number of chunks (capped at the number of samples).
+        seed (`int`): seed of the KID subsets.
+    """
+
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    is_splits: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("kid_subsets", "kid_subset_size", "pr_k", "is_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+
+# what a metric reads: the samples' outputs of `sadm.evaluation` (`features` [M, D], `logits` [M, K] of the feature
+# network, `class_logits` [M, K] of a classifier, `labels` [M]) and the reference statistics
+MetricFunction = Callable[["FeatureStatistics", dict[str, torch.Tensor], MetricOptions], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One sample-quality metric.
+
+    Args:
+        name (`str`): the name of `--metrics` / `--eval_metrics`.
+        higher_is_better (`bool`): the direction in which a run is better (picks `best/`).
+        keys (`tuple[str, ...]`): the result keys it reports; the first one ranks runs.
+        needs (`str`): what it needs beyond the samples' features: "" (nothing), "reference_features" (the raw
+            reference features, not only μ and Σ), "logits" (a feature network with class logits), or "classifier"
+            (a classifier's logits and the classes the samples were generated for).
+        compute (`callable`): `(reference, samples, options) -> {key: value}`.
+        in_training (`bool`): offered by the training scripts' `--eval_metrics`.
+    """
+
+    name: str
+    higher_is_better: bool
+    keys: tuple[str, ...]
+    needs: str
+    compute: MetricFunction
+    in_training: bool = True
+
+
+def _fid(reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions) -> dict[str, float]:
+    fake = FeatureStatistics.from_features(samples["features"])
+    return {"fid": frechet_distance(reference.mu, reference.sigma, fake.mu, fake.sigma)}
+
+
+def _kid(reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions) -> dict[str, float]:
+    mean, std = kid(
+        reference.features, samples["features"], options.kid_subsets, options.kid_subset_size, seed=options.seed
+    )
+    return {"kid_mean": mean, "kid_std": std}
+
+
+def _precision(
+    reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions
+) -> dict[str, float]:
+    return {"precision": improved_precision(reference.features, samples["features"], k=options.pr_k)}
+
+
+def _recall(
+    reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions
+) -> dict[str, float]:
+    return {"recall": improved_precision(samples["features"], reference.features, k=options.pr_k)}
+
+
+def _inception_score(
+    reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions
+) -> dict[str, float]:
+    probs = torch.softmax(samples["logits"].double(), dim=1)
+    mean, std = inception_score(probs, splits=min(options.is_splits, probs.shape[0]))
+    return {"is_mean": mean, "is_std": std}
+
+
+def _accuracy(
+    reference: FeatureStatistics, samples: dict[str, torch.Tensor], options: MetricOptions
+) -> dict[str, float]:
+    if "labels" not in samples:
+        raise ValueError(
+            "--metrics accuracy needs class labels for the samples (an unconditional model or unlabeled files has none)."
+        )
+    return {"accuracy": conditional_accuracy(samples["class_logits"], samples["labels"])}
+
+
+# every metric, by name: the one place a metric is added
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in (
+        Metric("fid", higher_is_better=False, keys=("fid",), needs="", compute=_fid),
+        Metric("kid", higher_is_better=False, keys=("kid_mean", "kid_std"), needs="reference_features", compute=_kid),
+        Metric(
+            "precision", higher_is_better=True, keys=("precision",), needs="reference_features", compute=_precision
+        ),
+        Metric("recall", higher_is_better=True, keys=("recall",), needs="reference_features", compute=_recall),
+        # in-training evaluation leaves IS out: the digit and random feature networks have no logits over many classes
+        Metric("is", True, ("is_mean", "is_std"), needs="logits", compute=_inception_score, in_training=False),
+        Metric("accuracy", higher_is_better=True, keys=("accuracy",), needs="classifier", compute=_accuracy),
+    )
+}
+# the metrics computed from features alone (`evaluate_features`)
+FEATURE_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs in ("", "reference_features"))
+
+
+def check_metric_names(names: tuple[str, ...] | list[str], choices: tuple[str, ...] | None = None) -> None:
+    """Raise naming the unknown ones when `names` are not all among `choices` (default: every metric)."""
+    choices = tuple(METRICS) if choices is None else choices
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise ValueError(f"--metrics {list(names)} must be a non-empty list from {','.join(choices)}.")
+
+
+def compute_metrics(
+    reference: FeatureStatistics,
+    samples: dict[str, torch.Tensor],
+    metrics: tuple[str, ...] | list[str],
+    options: MetricOptions | None = None,
+) -> dict[str, float]:
+    """The metrics of generated samples against reference statistics.
+
+    Args:
+        reference (`FeatureStatistics`): of the reference set; `.features` is needed by KID and precision/recall.
+        samples (`dict`): the samples' `features` `[M, D]`, and `logits` (IS), `class_logits` and `labels` (accuracy).
+        metrics: names from `METRICS`.
+        options (`MetricOptions`, *optional*): estimator settings.
 
     Returns:
-        `dict` with the keys `fid`, `kid_mean`, `kid_std`, `precision`, `recall` for the metrics asked for.
+        `dict` of floats under each metric's `keys` (`fid`, `kid_mean`, `kid_std`, `precision`, ...).
     """
-    unknown = [m for m in metrics if m not in FEATURE_METRICS]
-    if unknown:
-        raise ValueError(f"metrics {unknown} are not feature metrics; choose from {FEATURE_METRICS}.")
-    fake_feats = torch.as_tensor(fake_feats)
-    if isinstance(real_feats, FeatureStatistics):
-        real_stats, real_feats = real_feats, real_feats.features
-        needs_features = [m for m in metrics if m != "fid"]
-        if real_feats is None and needs_features:
-            raise ValueError(
-                f"metrics {needs_features} need the reference features, but the reference statistics hold only mean and "
-                "covariance; save them with features (scripts/evaluate.py --save_reference_stats does) or use 'fid' only."
-            )
-    else:
-        real_feats = torch.as_tensor(real_feats)
-        real_stats = FeatureStatistics.from_features(real_feats) if "fid" in metrics else None
+    check_metric_names(metrics)
+    options = options or MetricOptions()
+    needs_features = [name for name in metrics if METRICS[name].needs == "reference_features"]
+    if needs_features and reference.features is None:
+        raise ValueError(
+            f"metrics {needs_features} need the reference features, but the reference statistics hold only mean and "
+            "covariance; save them with features (scripts/evaluate.py --save_reference_stats does) or use 'fid' only."
+        )
     results: dict[str, float] = {}
-    if "fid" in metrics:
-        fake_stats = FeatureStatistics.from_features(fake_feats)
-        results["fid"] = frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma)
-    if "kid" in metrics:
-        results["kid_mean"], results["kid_std"] = kid(real_feats, fake_feats, kid_subsets, kid_subset_size, seed=seed)
-    if "precision" in metrics or "recall" in metrics:
-        precision, recall = precision_recall(real_feats, fake_feats, k=pr_k)
-        if "precision" in metrics:
-            results["precision"] = precision
-        if "recall" in metrics:
-            results["recall"] = recall
+    for name in metrics:
+        results.update(METRICS[name].compute(reference, samples, options))
     return results
 
 
-def state_dict_fingerprint(module: torch.nn.Module) -> str:
-    """First 8 hex digits of a sha256 over the module's state dict (names, shapes, dtypes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:8]
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """First 8 hex digits of a file's sha256 (the convention of torch hub file names such as `...-6726825d.pth`)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:8]
-
-
-def images_to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """`[N, 1 or 3, H, W]` -> `[N, 3, H, W]` by repeating a single channel."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [N, 1 or 3, H, W], got shape {tuple(images.shape)}.")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-class InceptionFeatures(torch.nn.Module):
-    """The FID Inception-v3 (TensorFlow graph of 2015-12-05) through torchmetrics' `NoTrainInceptionV3`, weights from a file.
-
-    The weights are never downloaded: pass the local path of `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's file;
-    torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` is the same file). torchmetrics builds the network from
-    torch-fidelity, which must be installed (`pip install torch-fidelity`).
-
-    Args:
-        weights_path (`str`): local path of the weights file.
-        antialias (`bool`): resize to 299x299 with antialiased bilinear interpolation (torchmetrics' default) instead of the
-            TensorFlow-1 bilinear resize of the original FID code. Default False, so numbers are comparable with papers.
-
-    Call: `images [N, C, H, W]` float in [-1, 1] -> pool3 features `[N, 2048]` (quantised to uint8 first, as FID does).
-    """
-
-    def __init__(self, weights_path: str | os.PathLike, antialias: bool = False):
-        super().__init__()
-        weights_path = Path(weights_path) if weights_path is not None else None
-        if weights_path is None or not weights_path.is_file():
-            raise FileNotFoundError(
-                f"--inception_weights {weights_path} does not exist. FID needs the FID Inception-v3 weights "
-                f"{INCEPTION_WEIGHTS_NAME}; sadm never downloads them. Fetch the file on a machine with internet access "
-                f"({INCEPTION_WEIGHTS_URL}), copy it here and pass its path."
-            )
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-        except ImportError as error:
-            raise ImportError(f"InceptionFeatures needs torchmetrics: {error}") from error
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ModuleNotFoundError(
-                "InceptionFeatures needs torch-fidelity (torchmetrics builds the FID Inception-v3 from it): "
-                "pip install torch-fidelity"
-            )
-        self.model = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(weights_path),
-            antialias=antialias,
-        )
-        self.identity = f"inception_v3_fid_{file_fingerprint(weights_path)}" + ("_antialias" if antialias else "")
-
-    def _to_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        images = images_to_rgb(images)
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, 3, H, W] in 0..255
-
-    @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool features `[N, 2048]` and the 1008 unbiased logits `[N, 1008]` used by the Inception Score."""
-        device = next(self.model.parameters()).device
-        # torchmetrics' forward returns only the first feature; its tuple-returning forward gives both in one pass
-        features, logits = self.model._torch_fidelity_forward(self._to_uint8(images).to(device))
-        return features.reshape(images.shape[0], -1).float(), logits.float()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(images)[0]
-
-
-class TimmFeatures(torch.nn.Module):
-    """Pooled features of a `timm` backbone (e.g. `vit_small_patch14_dinov2`); pretrained weights only from a local file.
-
-    Args:
-        model_name (`str`): a `timm.create_model` name.
-        weights_path (`str`, *optional*): a local checkpoint in timm's format (`.safetensors` or `.pth`); the classifier head
-            is dropped, every other weight must match. Without it the network is randomly initialised from `seed` (useful for
-            tests and as a sanity baseline only; its identity says so).
-        image_size (`int`, *optional*): resize inputs to this size (models with a fixed input size, such as ViTs, are
-            built for it with `img_size=`); default the model's own input size.
-        seed (`int`): initialisation seed when `weights_path` is not given.
-
-    Call: `images [N, C, H, W]` float in [-1, 1] -> `[N, D]` (resized, 1 -> 3 channels, normalised with the model's mean/std).
-    """
-
-    def __init__(
-        self,
-        model_name: str,
-        weights_path: str | os.PathLike | None = None,
-        image_size: int | None = None,
-        seed: int = 0,
-    ):
-        super().__init__()
-        import timm
-
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(f"--timm_weights {weights_path} does not exist (weights are never downloaded).")
-        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-        if pretrained_cfg is None:
-            raise ValueError(f"--feature_network timm:{model_name}: timm knows no model of that name.")
-        # models with a fixed input size (ViTs: position embeddings) are built for the size; CNNs take any size
-        kwargs = {"img_size": image_size} if image_size is not None and pretrained_cfg.fixed_input_size else {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
-        if weights_path is not None:
-            state_dict = timm.models.load_state_dict(str(weights_path))
-            head = self.model.pretrained_cfg.get("classifier")
-            heads = (head,) if isinstance(head, str) else tuple(head or ())
-            state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(h + ".") for h in heads)}
-            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"--timm_weights {weights_path} does not fit timm model '{model_name}': missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}."
-                )
-            self.identity = f"timm_{model_name}_{file_fingerprint(weights_path)}"
-        else:
-            self.identity = f"timm_{model_name}_random_seed{seed}"
-        self.model.eval().requires_grad_(False)
-        data_config = timm.data.resolve_model_data_config(self.model)
-        self.image_size = image_size or data_config["input_size"][-1]
-        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
-        if image_size is not None:
-            self.identity += f"_{image_size}px"
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images_to_rgb(images).to(self.mean.device, torch.float32)
-        images = (images + 1) / 2  # [-1, 1] -> [0, 1]
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        features = self.model((images.clamp(0, 1) - self.mean) / self.std)
-        return features.reshape(features.shape[0], -1)  # [N, D]
-
-
-class ModuleFeatures(torch.nn.Module):
-    """Any `nn.Module` as a feature network: `images [N, C, H, W]` in [-1, 1] -> `module(images)` flattened to `[N, D]`.
-
-    Args:
-        module (`torch.nn.Module`): receives the images unchanged (it does its own resizing or channel handling).
-        identity (`str`, *optional*): recorded in statistics files; default the class name plus a fingerprint of the
-            module's weights, so statistics of differently-trained modules never compare silently.
-    """
-
-    def __init__(self, module: torch.nn.Module, identity: str | None = None):
-        super().__init__()
-        self.module = module.eval().requires_grad_(False)
-        self.identity = identity or f"{type(module).__name__}_{state_dict_fingerprint(module)}"
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.module(images)
-        return features.reshape(features.shape[0], -1)  # [N, D]
+def evaluate_features(
+    real_features: torch.Tensor | np.ndarray | FeatureStatistics,
+    fake_features: torch.Tensor | np.ndarray,
+    metrics: tuple[str, ...] | list[str] = FEATURE_METRICS,
+    options: MetricOptions | None = None,
+) -> dict[str, float]:
+    """The feature-based metrics of fake features `[M, D]` against reference features `[N, D]` (or `FeatureStatistics`)."""
+    check_metric_names(metrics, FEATURE_METRICS)
+    if not isinstance(real_features, FeatureStatistics):
+        features = torch.as_tensor(real_features)
+        real_features = FeatureStatistics.from_features(features)
+        real_features.features = features
+    return compute_metrics(real_features, {"features": torch.as_tensor(fake_features)}, metrics, options)

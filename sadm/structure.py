@@ -40,7 +40,7 @@ from sadm.losses.structure import (
     renoise,
     reverse_step_posterior,
     structure_loss,
-    structure_timestep_weights,
+    timestep_weights,
 )
 
 
@@ -422,7 +422,7 @@ def structure_inputs(
     Returns:
         [`StructureInputs`]
     """
-    weights = structure_timestep_weights(
+    weights = timestep_weights(
         timesteps, alphas_cumprod, config.timestep_weighting, config.snr_clip, config.t_threshold
     )  # w(t), [B]
     real, fake = x0.detach(), x0_hat

@@ -35,6 +35,10 @@ TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 EMA_STATE_NAME = "ema_state.pt"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A script's description as written, and the effective default of every flag at the end of its help."""
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags every training script has, named as in diffusers' training examples."""
     g = parser.add_argument_group("training")
@@ -64,10 +68,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         help="diffusers' get_scheduler name.",
     )
     g.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up optimizer steps.")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1 (DiT: 0.9).")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2 (DiT: 0.999).")
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses AdamW without weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
     g.add_argument(
         "--adam_fused",
@@ -109,6 +113,34 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
     g.add_argument(
         "--ddp_timeout", type=int, default=7200, help="Process-group timeout (s), long enough for evaluation."
+    )
+
+
+def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The validation-grid flags of every training script; returns the group for a script's own validation flags."""
+    v = parser.add_argument_group("validation")
+    v.add_argument(
+        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
+    )
+    v.add_argument(
+        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
+    )
+    return v
+
+
+def adamw_from_flags(args: argparse.Namespace, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """`sadm.frame.make_adamw` with the shared --adam_weight_decay, --adam_epsilon and implementation flags."""
+    from .frame import make_adamw
+
+    return make_adamw(
+        params,
+        lr,
+        betas,
+        args.adam_weight_decay,
+        args.adam_epsilon,
+        use_8bit=args.use_8bit_adam,
+        fused=args.adam_fused,
+        foreach=args.adam_foreach,
     )
 
 
@@ -472,7 +504,10 @@ def copy_pipeline_file(source_file: str, output_dir: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------- images
 def image_grid(images: np.ndarray, rows: int | None = None, padding: int = 1) -> Image.Image:
-    """Float NHWC images in [0, 1] -> one PIL grid with `padding` mid-grey pixels between cells."""
+    """Float NHWC images in [0, 1] -> one PIL grid with `padding` mid-grey pixels between cells.
+
+    Not `diffusers.utils.make_image_grid`: that one butts the cells together, and 8x8 digits are unreadable without the
+    grey lines between them (it also needs rows x cols == n, where this fills the last row partially)."""
     n, h, w, c = images.shape
     rows = rows or int(math.ceil(math.sqrt(n)))
     cols = int(math.ceil(n / rows))
@@ -505,7 +540,8 @@ def add_dataclass_args(
 ) -> None:
     """One flag per field of a method's dataclass config (`--<prefix><field>`, or `rename[field]`), help text from the field.
 
-    Defaults are left to the dataclass (argparse default None = "not given"), so the config stays the one source of defaults.
+    Each flag's default is the field's (shown by [`HelpFormatter`]); fields whose default is None are resolved by the
+    config itself (e.g. from a preset) and say so in their help.
     """
     rename = rename or {}
     hints = typing.get_type_hints(config_cls)
@@ -514,13 +550,11 @@ def add_dataclass_args(
         if f.name in skip:
             continue
         flag = "--" + rename.get(f.name, prefix + f.name)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if f.default is dataclasses.MISSING:
+            raise ValueError(f"{config_cls.__name__}.{f.name} has no default; every method option needs one.")
         value_type = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
-        if value_type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, type=value_type, default=None, help=help_text)
+        action = {"action": argparse.BooleanOptionalAction} if value_type is bool else {"type": value_type}
+        group.add_argument(flag, default=f.default, help=f.metadata.get("help", ""), **action)
 
 
 def dataclass_from_args(

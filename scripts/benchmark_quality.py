@@ -79,6 +79,28 @@ ARMS.update({
     "ft_sadm_mmd": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE]),
     "ft_sadm_paired_fix": ("train_sadm.py", [*FINETUNE, *PAIRED_FIX, *ADAPTIVE]),
 })  # fmt: skip
+# Issue 14: the same terms judged by a frozen copy of the model being fine-tuned (its start-of-run weights), heads on the
+# script's default blocks (a quarter and half of the depth: blocks 0, 1 of the tiny preset's 4, where a DiT's features are
+# most separable and the trunk costs half a forward) and the default head width (--disc_base_channels 64, as the conv D).
+DIT_TRUNK = ["--gan_disc_trunk", "dit", "--disc_backbone", "dit"]
+ARMS.update({
+    "ft_gan_dit": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01", *DIT_TRUNK]),
+    "ft_sadm_mmd_dit": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *DIT_TRUNK]),
+})  # fmt: skip
+# Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
+# minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
+# --max_train_steps for 0.5-2 Mimg (batch 32: 15,625-62,500 steps); ada_kimg stays the paper's 100, which p can
+# cross 5-20 times in that budget. "_200": a random subset of 200 digits, the same for every seed (sadm.data's
+# subset_indices; the older gan_*_200 arms ran when --max_train_samples kept the first 200 files: 178 zeros, 22 ones).
+GAN8 = ["--resolution", "8", "--disc_trunk", "resnet", "--generator_layers_per_block", "2", "--ema_kimg", "10"]
+ARMS.update({
+    "gan8_none_200": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "none", "--max_train_samples", "200"]),
+    "gan8_adaptive_200": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "adaptive", "--max_train_samples", "200"]),
+    "gan8_fixed_200": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "fixed", "--max_train_samples", "200"]),
+    "gan8_none": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "none"]),
+    "gan8_adaptive": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "adaptive"]),
+    "gan8_fixed": ("train_diffusion_gan.py", [*GAN8, "--diffusion", "fixed"]),
+})  # fmt: skip
 METRICS = ("accuracy", "fid", "pixel_fid", "precision", "recall")
 LOWER_IS_BETTER = ("fid", "pixel_fid")
 

@@ -7,8 +7,8 @@
 Training arms, per (preset, space) configuration, all with the same model, batch, optimizer and data:
 
 - `bare`:  a plain PyTorch loop on random tensors: DiT forward + ε-MSE + backward + AdamW (the floor);
-- `dsm`:   **the training step of scripts/train_sadm.py** (run in-process: `main` is driven with a timer in place of its
-           progress bar and an in-memory random dataset in place of the image loader), DSM loss only;
+- `dsm`:   **the training step of scripts/train_sadm.py** (its `main` run in-process on an in-memory random dataset,
+           with a timer as its per-step callback), DSM loss only;
 - `sadm`:  the same with the SADM structure loss (default structure discriminator, λ = 0.01, no λ warm-up);
 - `gan`:   the same with the Diffusion-GAN term (default timestep discriminator, λ_adv = 0.01);
 - `both`:  both terms;
@@ -157,33 +157,27 @@ class _Finished(Exception):
 
 
 class StepTimer:
-    """Stands in for the script's tqdm progress bar: `update` is called once per optimizer step, so the gaps between
-    calls are the step times. After `warmup + steps` updates it stops the run (before any checkpoint or export)."""
+    """The script's `on_step` callback, called once per optimizer step: the gaps between calls are the step times.
+
+    The first call only starts the clock (the run's first step is never timed, on top of `warmup`); after
+    `warmup + steps` timed gaps it stops the run (before any checkpoint or export) by raising `_Finished`."""
 
     def __init__(self, device: str, warmup: int, steps: int, memory: PeakMemory):
         self.device, self.warmup, self.steps, self.memory = device, warmup, steps, memory
         self.times: list[float] = []
         self.last = None
 
-    def __call__(self, *args, **kwargs) -> StepTimer:  # `tqdm(range(...), initial=..., ...)`
-        if self.warmup == 0:
-            self.memory.__enter__()
-        self.last = time.perf_counter()
-        return self
-
-    def update(self, n: int = 1) -> None:
+    def __call__(self, global_step: int) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
+        if self.last is not None:
+            self.times.append(now - self.last)
         if len(self.times) == self.warmup:
             self.memory.__enter__()
         if len(self.times) >= self.warmup + self.steps:
             raise _Finished
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
+        self.last = time.perf_counter()
 
 
 class RandomDataset(torch.utils.data.Dataset):
@@ -213,20 +207,16 @@ def time_script_arm(train_sadm, arm: str, cfg: dict, args) -> tuple[list[float],
     with tempfile.TemporaryDirectory() as output_dir:
         argv = [
             "--output_dir", output_dir, "--model", cfg["preset"], "--resolution", str(cfg["size"]),
-            "--train_batch_size", str(cfg["batch"]), "--max_train_steps", str(args.warmup_steps + args.steps + 1),
+            "--train_batch_size", str(cfg["batch"]), "--max_train_steps", str(args.warmup_steps + args.steps + 2),
             "--mixed_precision", args.mixed_precision, "--report_to", "none", "--validation_steps", "0",
             "--checkpointing_steps", "1000000", "--x0_clip", "1" if cfg["space"] == "pixel" else "0",
             "--no-use_ema", *SCRIPT_ARMS[arm],
         ]  # fmt: skip
-        script_args = train_sadm.parse_args(argv)
-        saved = train_sadm.tqdm, train_sadm.load_train_dataset_from_args
-        train_sadm.tqdm, train_sadm.load_train_dataset_from_args = timer, lambda _: dataset
         try:
-            train_sadm.main(script_args)
+            train_sadm.main(train_sadm.parse_args(argv), dataset=dataset, on_step=timer)
         except _Finished:
             pass
         finally:
-            train_sadm.tqdm, train_sadm.load_train_dataset_from_args = saved
             memory.__exit__(None, None, None)
     gc.collect()
     return timer.times[args.warmup_steps :], memory.peak

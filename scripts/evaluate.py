@@ -21,25 +21,24 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DiffusionPipeline
 
 import sadm  # noqa: F401  registers sadm's pipeline classes on diffusers, so DiffusionPipeline.from_pretrained finds them
-from sadm.data import add_data_args, load_train_dataset_from_args
+from sadm.cli import add_data_args, data_config_from_args, parse_metric_list
+from sadm.data import load_train_dataset
 from sadm.evaluation import (
-    METRICS,
+    build_feature_network,
+    check_feature_network_name,
     check_metrics,
-    compute_metrics,
     compute_reference_statistics,
     extract_features,
     load_image_folder,
     load_images_npz,
     sample_features,
 )
-from sadm.metrics import FeatureStatistics, InceptionFeatures, ModuleFeatures, TimmFeatures
-from sadm.models.digit_classifier import DigitsFeatures
+from sadm.metrics import METRICS, FeatureStatistics, MetricOptions, check_metric_names, compute_metrics
 
 logger = get_logger(__name__)
 
@@ -94,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="digits",
         help="digits (the cached digit classifier, at --resolution), inception (FID Inception-v3), pixels (raw pixels: "
-        "pixel-space FID/KID, no network), or timm:<model name>.",
+        "pixel-space FID/KID, no network), random (a fixed random conv: sanity checks only), or timm:<model name>.",
     )
     parser.add_argument(
         "--inception_weights", type=str, default=None, help="Local path of pt_inception-2015-12-05-6726825d.pth."
@@ -126,49 +125,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_args(parser)
     args = parser.parse_args(argv)
 
-    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in args.metrics if m not in METRICS]
-    if unknown or not args.metrics:
-        parser.error(f"--metrics {args.metrics} must be a non-empty list from {','.join(METRICS)}.")
+    try:
+        check_metric_names(parse_metric_list(args.metrics))
+        check_feature_network_name(args.feature_network)
+        MetricOptions(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k)
+    except ValueError as error:
+        parser.error(str(error))
+    data_config_from_args(args, parser)
     if args.reference_stats is not None and args.reference_npz is not None:
         parser.error("Give --reference_stats or --reference_npz, not both.")
     if args.reference_stats is not None and args.save_reference_stats is not None:
         parser.error(
             "--save_reference_stats writes statistics computed from images; --reference_stats already is a file."
         )
-    if not (args.feature_network in ("digits", "inception", "pixels") or args.feature_network.startswith("timm:")):
-        parser.error(
-            f"--feature_network must be digits, inception, pixels or timm:<name>, got '{args.feature_network}'."
-        )
     if not Path(args.samples).exists():
         parser.error(f"--samples {args.samples} does not exist.")
     return args
 
 
-def build_feature_network(args: argparse.Namespace, accelerator: Accelerator) -> torch.nn.Module:
-    if args.feature_network == "digits":
-        with accelerator.main_process_first():  # the first run trains and caches the classifier once
-            return DigitsFeatures(resolution=args.resolution, cache_dir=args.classifier_cache_dir)
-    if args.feature_network == "inception":
-        return InceptionFeatures(args.inception_weights)
-    if args.feature_network == "pixels":  # FID/KID on the raw pixels (C*H*W features): no learned network at all
-        return ModuleFeatures(torch.nn.Flatten(), identity=f"pixels_r{args.resolution}")
-    return TimmFeatures(args.feature_network[len("timm:") :], args.timm_weights, image_size=args.timm_image_size)
-
-
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = Accelerator()
-    feature_network = build_feature_network(args, accelerator).to(accelerator.device)
+    metrics = parse_metric_list(args.metrics)
+    options = MetricOptions(
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, seed=args.seed
+    )
+    feature_network = build_feature_network(
+        args.feature_network,
+        args.resolution,
+        accelerator,
+        inception_weights=args.inception_weights,
+        timm_weights=args.timm_weights,
+        timm_image_size=args.timm_image_size,
+        cache_dir=args.classifier_cache_dir,
+    )
     classifier = None
-    if "accuracy" in args.metrics:
+    if any(METRICS[name].needs == "classifier" for name in metrics):
         digits = feature_network if args.feature_network == "digits" else None
         if digits is None:
-            with accelerator.main_process_first():
-                digits = DigitsFeatures(resolution=args.resolution, cache_dir=args.classifier_cache_dir)
-        classifier = digits.to(accelerator.device).logits
+            digits = build_feature_network("digits", args.resolution, accelerator, cache_dir=args.classifier_cache_dir)
+        classifier = digits.logits
         logger.info(f"accuracy: digit classifier {digits.identity} (held-out accuracy {digits.heldout_accuracy:.4f})")
-    check_metrics(args.metrics, feature_network, classifier)
+    check_metrics(metrics, feature_network, classifier)
 
     # reference
     if args.reference_stats is not None:
@@ -178,7 +176,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.reference_npz is not None:
             dataset, reference_source = load_images_npz(args.reference_npz), args.reference_npz
         else:
-            dataset = load_train_dataset_from_args(args)
+            dataset = load_train_dataset(data_config_from_args(args))
             reference_source = args.dataset_name or args.train_data_dir or "digits (scikit-learn load_digits)"
         reference = compute_reference_statistics(
             feature_network,
@@ -195,7 +193,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # samples
     samples = Path(args.samples)
-    with_logits = "is" in args.metrics
+    with_logits = any(METRICS[name].needs == "logits" for name in metrics)
     if (samples / "model_index.json").exists():
         pipeline = DiffusionPipeline.from_pretrained(samples).to(accelerator.device)
         fake = sample_features(
@@ -228,9 +226,7 @@ def main(args: argparse.Namespace) -> dict:
             num_workers=args.dataloader_num_workers,
         )
 
-    results = compute_metrics(
-        reference, fake, args.metrics, args.kid_subsets, args.kid_subset_size, args.pr_k, seed=args.seed
-    )
+    results = compute_metrics(reference, fake, metrics, options)
     report = {
         **results,
         "num_samples": int(fake["features"].shape[0]),

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-from sadm.data import add_data_args, load_train_dataset_from_args
+from sadm.cli import add_data_args, data_config_from_args
+from sadm.data import load_train_dataset
 from sadm.losses import denoising_loss, predict_x0, training_target
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.structure import StructureConfig, structure_denoiser_loss, structure_inputs
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     scheduler = DDPMScheduler.from_pretrained(args.pipeline, subfolder="scheduler")
     alphas_cumprod = scheduler.alphas_cumprod
     config = args.structure
-    dataset = load_train_dataset_from_args(args)
+    dataset = load_train_dataset(data_config_from_args(args))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
     channels = model.config.in_channels
     rows = []

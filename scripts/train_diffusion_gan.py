@@ -12,6 +12,10 @@ optimizer steps, then one generator step (each of `--gradient_accumulation_steps
 `accelerator.accumulate` of the model it steps). The generator phase only takes the class labels of its batches.
 A training step (`--max_train_steps`, checkpoints, validation) is one generator step.
 
+Networks fit for small data (docs/BENCHMARKS.md): `--disc_trunk resnet` (residual D with minibatch std and a fully
+connected layer over its last 4x4 map), `--generator_layers_per_block 2`, `--ema_kimg 10` (an EMA half-life in
+thousands of images), at `--resolution 8` for the 8x8 digits.
+
 The output folder is a diffusers pipeline (`DiffusionGANPipeline`, EMA weights when `--use_ema`) with the
 discriminator in `discriminator/`, `T.png` / `T_history.json` (the diffusion length over training) and `checkpoint-N/`
 folders beside it (the adaptive diffusion state is in `checkpoint-N/adaptive_diffusion.pt`).
@@ -37,36 +41,45 @@ from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from tqdm.auto import tqdm
 
 import sadm
-from sadm.data import add_data_args, collate_fn, load_train_dataset_from_args
+from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
+from sadm.data import collate_fn, load_train_dataset
 from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
     build_adaptive_diffusion,
+    build_timestep_discriminator,
     diffusion_gan_discriminator_loss,
     diffusion_gan_generator_loss,
     max_p_change,
 )
-from sadm.evaluation import add_eval_args, check_eval_args, preserve_rng_state, setup_in_training_evaluation
+from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
+from sadm.frame import (
+    ema_weights,
+    evaluate_and_keep_best,
+    export_pipeline,
+    resume_train_state,
+    run_periodic_jobs,
+    save_validation_grid,
+    tracker_config,
+    validation_labels,
+)
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.training import (
     BadStepCounter,
-    adamw_implementation,
+    HelpFormatter,
+    adamw_from_flags,
     add_dataclass_args,
     add_training_args,
+    add_validation_args,
     assert_finite_parameters,
-    atomic_save_pretrained,
     check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
-    image_grid,
-    load_train_state,
-    log_images,
     make_accelerator,
     make_dataloader,
     register_model_hooks,
-    resolve_resume_path,
     save_checkpoint,
     step_if_finite,
     write_model_card,
@@ -80,14 +93,14 @@ T_HISTORY_NAME = "T_history.json"
 # --diffusion_gan_<field> for every DiffusionGANConfig field but these (`weight` is the DiT trainer's λ_adv)
 DIFFUSION_GAN_PREFIX = "diffusion_gan_"
 DIFFUSION_GAN_RENAME = {"mode": "diffusion"}
-DIFFUSION_GAN_SKIP = ("weight",)
+DIFFUSION_GAN_SKIP = ("weight", "timestep_weighting", "t_threshold")  # the DiT trainer's λ_adv and its gate
 # warn when the whole run cannot move p by more than this (the diffusion would stay near T_min throughout)
 MIN_P_CHANGE = 0.1
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     add_training_args(parser)
     # GAN defaults for the generator's optimizer (StyleGAN2: Adam β = (0, 0.99), no clipping) and a GAN-scale EMA
@@ -97,21 +110,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("generator")
     g.add_argument("--latent_dim", type=int, default=64, help="Size of z (and of the mapped code w).")
     g.add_argument("--generator_base_channels", type=int, default=64, help="Width of the generator's last block.")
+    g.add_argument(
+        "--generator_layers_per_block",
+        type=int,
+        default=1,
+        help="Modulated 3x3 convolutions per resolution (StyleGAN2: 2; 1 keeps the DCGAN-sized generator).",
+    )
+    g.add_argument(
+        "--ema_kimg",
+        type=float,
+        default=None,
+        help="EMA half-life in thousands of real images (StyleGAN2-ADA's auto config: batch·10/32, so 10 at batch 32): "
+        "decay 0.5^(batch/(ema_kimg·1000)) per step, ramped in by diffusers' (1+s)/(10+s). None: --ema_max_decay with "
+        "the --ema_inv_gamma warm-up.",
+    )
     d = parser.add_argument_group("discriminator")
     d.add_argument(
         "--disc_trunk",
         type=str,
         default="conv",
         choices=TRUNKS,
-        help="conv, vit or projected (frozen timm features; pair it with --diffusion_gan_preset projected_gan).",
+        help="conv, resnet (residual, minibatch std, fully connected over the 4x4 map; --resolution >= 8), vit or "
+        "projected (frozen timm features; pair it with --diffusion_gan_preset projected_gan).",
     )
     d.add_argument(
         "--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer / tokens / heads."
     )
     d.add_argument("--disc_num_layers", type=int, default=3, help="Conv layers or ViT blocks of the discriminator.")
     d.add_argument(
-        "--disc_spectral_norm", action="store_true", help="Spectral norm on every trainable discriminator layer."
+        "--disc_minibatch_std_group_size",
+        type=int,
+        default=4,
+        help="resnet trunk: samples per minibatch-std group (StyleGAN2: 4; 1 turns the statistic off).",
     )
+    d.add_argument("--disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="Spectral norm on every trainable layer of the timestep discriminator.")  # fmt: skip
     d.add_argument(
         "--disc_timm_model_name",
         type=str,
@@ -130,13 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(
         parser, DiffusionGANConfig, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
     )
-    v = parser.add_argument_group("validation")
-    v.add_argument(
-        "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
-    )
-    v.add_argument(
-        "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
-    )
+    add_validation_args(parser)
     add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
     args = parser.parse_args(argv)
 
@@ -146,15 +173,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
     if args.latent_dim < 1:
         parser.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
-    check_eval_args(args, parser)
+    if args.generator_layers_per_block < 1:
+        parser.error(f"--generator_layers_per_block must be >= 1, got {args.generator_layers_per_block}")
+    if args.disc_trunk == "resnet" and args.resolution < 8:
+        parser.error(
+            f"--disc_trunk resnet halves the image down to 4x4 and needs --resolution >= 8, got {args.resolution}"
+        )
+    if args.disc_minibatch_std_group_size < 1:
+        parser.error(f"--disc_minibatch_std_group_size must be >= 1, got {args.disc_minibatch_std_group_size}")
+    if args.ema_kimg is not None and args.ema_kimg <= 0:
+        parser.error(f"--ema_kimg (the EMA half-life in kimg) must be > 0, got {args.ema_kimg}")
+    if args.ema_kimg is not None and not args.use_ema:
+        parser.error("--ema_kimg sets the EMA half-life and needs --use_ema (not --no-use_ema)")
+    data_config_from_args(args, parser), eval_config_from_args(args, parser)  # validate before any work
     check_optimizer_args(args, parser)
     try:
-        args.diffusion_gan = dataclass_from_args(
-            DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
-        )
+        diffusion_gan_config(args)
     except ValueError as error:
         parser.error(diffusion_gan_flag_error(error))
     return args
+
+
+def diffusion_gan_config(args: argparse.Namespace) -> DiffusionGANConfig:
+    """The effective `DiffusionGANConfig` of the flags (`args` itself is never changed)."""
+    return dataclass_from_args(
+        DiffusionGANConfig, args, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
+    )
 
 
 def diffusion_gan_flag_error(error: ValueError) -> str:
@@ -190,39 +234,31 @@ def p_budget_warning(config: DiffusionGANConfig, total_batch: int, max_train_ste
     )
 
 
+# StyleGAN2-ADA (`training_loop.py`): ema_beta = 0.5 ** (batch / ema_nimg), a half-life counted in images.
+def ema_decay_from_half_life(ema_kimg: float, total_batch: int) -> float:
+    """Per-step EMA decay β whose weight on the current weights halves every `ema_kimg`·1000 real images:
+    β^(ema_kimg·1000/total_batch) = 0.5."""
+    if ema_kimg <= 0:
+        raise ValueError(f"ema_kimg={ema_kimg} must be > 0.")
+    return 0.5 ** (total_batch / (ema_kimg * 1000))
+
+
 def build_discriminator(
     args, config: DiffusionGANConfig, num_channels: int, num_classes: int
 ) -> TimestepDiscriminator:
-    return TimestepDiscriminator(
-        in_channels=num_channels,
-        sample_size=args.resolution,
+    return build_timestep_discriminator(
+        config,
+        num_channels,
+        args.resolution,
+        num_classes,
         trunk=args.disc_trunk,
         base_channels=args.disc_base_channels,
         num_layers=args.disc_num_layers,
-        # the projected trunk gets no t (Diffusion-ProjectedGAN); without diffusion t is always 0
-        t_conditioning=args.disc_trunk != "projected" and config.mode != "none",
-        num_classes=num_classes if num_classes and config.class_conditional_disc else None,
-        max_timesteps=config.t_max,
+        minibatch_std_group_size=args.disc_minibatch_std_group_size,
         spectral_norm=args.disc_spectral_norm,
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
         timm_input_size=args.disc_timm_input_size,
-    )
-
-
-def make_optimizer(args, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(
-        params,
-        lr=lr,
-        betas=betas,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **adamw_implementation(args),
     )
 
 
@@ -299,21 +335,17 @@ def mean(values: list[float | torch.Tensor]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def validation_labels(num_images: int, num_classes: int) -> list[int] | None:
-    return [i % num_classes for i in range(num_images)] if num_classes else None
-
-
 def main(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    config: DiffusionGANConfig = args.diffusion_gan
+    config = diffusion_gan_config(args)  # validated by parse_args
     ratio = config.disc_update_ratio
     accumulation = args.gradient_accumulation_steps
 
     # ---- data: the class count and names come from the data and go into the export
-    dataset = load_train_dataset_from_args(args)
+    dataset = load_train_dataset(data_config_from_args(args))
     num_classes, id2label = dataset.num_classes, dataset.id2label
     logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
 
@@ -324,6 +356,7 @@ def main(args: argparse.Namespace) -> None:
         latent_dim=args.latent_dim,
         base_channels=args.generator_base_channels,
         num_classes=num_classes or None,
+        layers_per_block=args.generator_layers_per_block,
     )
     discriminator = build_discriminator(args, config, dataset.num_channels, num_classes)
     diffusion = build_adaptive_diffusion(config, seed=args.seed).to(accelerator.device)
@@ -331,10 +364,13 @@ def main(args: argparse.Namespace) -> None:
 
     ema = None
     if args.use_ema:
+        # --ema_kimg: a half-life in images per generator step (one global batch of fakes each)
+        total_batch = args.train_batch_size * accelerator.num_processes * accumulation
+        half_life = args.ema_kimg is not None
         ema = EMAModel(
             generator.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
+            decay=ema_decay_from_half_life(args.ema_kimg, total_batch) if half_life else args.ema_max_decay,
+            use_ema_warmup=not half_life,
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
             model_cls=GANGenerator,
@@ -344,27 +380,32 @@ def main(args: argparse.Namespace) -> None:
 
     # the trainable discriminator parameters: the projected trunk's backbone stays frozen throughout
     d_params = [p for p in discriminator.parameters() if p.requires_grad]
-    g_optimizer = make_optimizer(args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2))
-    d_optimizer = make_optimizer(args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2))
+    g_optimizer = adamw_from_flags(
+        args, generator.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2)
+    )
+    d_optimizer = adamw_from_flags(
+        args, d_params, args.disc_learning_rate, (args.disc_adam_beta1, args.disc_adam_beta2)
+    )
 
     train_dataloader = make_dataloader(
         dataset, args.train_batch_size, args.seed, args.dataloader_num_workers, collate_fn
     )
     # an optimizer-step slot = `accumulation` micro-batches; a cycle = `ratio` D slots then one G slot
     slots_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / accumulation)
-    if args.max_train_steps is None:
-        args.max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
+    max_train_steps = args.max_train_steps  # derived values stay out of `args`
+    if max_train_steps is None:
+        max_train_steps = max(args.num_train_epochs * slots_per_epoch // (ratio + 1), 1)
     g_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=g_optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     d_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=d_optimizer,
         num_warmup_steps=args.lr_warmup_steps * ratio * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * ratio * accelerator.num_processes,
+        num_training_steps=max_train_steps * ratio * accelerator.num_processes,
     )
     generator, discriminator, g_optimizer, d_optimizer, train_dataloader, g_lr_scheduler, d_lr_scheduler = (
         accelerator.prepare(
@@ -375,44 +416,40 @@ def main(args: argparse.Namespace) -> None:
     t_history: list[list[float]] = []  # [generator step, p, T, r_d] at the start and after each adjustment of p
     register_diffusion_hooks(accelerator, diffusion, t_history)
     slots_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    num_epochs = math.ceil(args.max_train_steps * (ratio + 1) / slots_per_epoch)
+    num_epochs = math.ceil(max_train_steps * (ratio + 1) / slots_per_epoch)
     unwrapped_generator = accelerator.unwrap_model(generator)
     unwrapped_discriminator = accelerator.unwrap_model(discriminator)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        tracker_config.update({f"diffusion_gan.{k}": v for k, v in dataclasses.asdict(config).items()})
-        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config)
+        effective = {**vars(args), "max_train_steps": max_train_steps}
+        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(effective, {"diffusion_gan": config}))
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
-    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        train_state = load_train_state(resume_path)
+    train_state = resume_train_state(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if train_state is not None:
         global_step, bad_steps = train_state["global_step"], train_state.get("bad_steps")
         next_slot = global_step * (ratio + 1)
         first_epoch = next_slot // slots_per_epoch
         skip_batches = (next_slot % slots_per_epoch) * accumulation
-    elif args.resume_from_checkpoint is not None:
-        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
     if not t_history:
         t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
     num_adjustments = diffusion.num_updates // diffusion.ada_interval
     # ---- in-training evaluation: feature network and reference statistics, once (None with --eval_steps 0)
-    evaluator = setup_in_training_evaluation(args, dataset, accelerator, start_step=global_step)
+    evaluator = setup_in_training_evaluation(
+        eval_config_from_args(args), dataset, accelerator, args.output_dir, start_step=global_step
+    )
 
     total_batch = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(
-        f"Generator steps {args.max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
+        f"Generator steps {max_train_steps} ({ratio} D step(s) each), total batch {total_batch}, "
         f"epochs {num_epochs}, starting at step {global_step}"
     )
-    budget_warning = p_budget_warning(config, total_batch, args.max_train_steps)
+    budget_warning = p_budget_warning(config, total_batch, max_train_steps)
     if budget_warning is not None:
         logger.warning(budget_warning)
     progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
@@ -426,50 +463,31 @@ def main(args: argparse.Namespace) -> None:
         return finite
 
     def run_validation(step: int) -> None:
-        if ema is not None:
-            ema.store(unwrapped_generator.parameters())
-            ema.copy_to(unwrapped_generator.parameters())
-        unwrapped_generator.eval()
-        pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-        pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(
-            class_labels=validation_labels(args.num_validation_images, num_classes),
-            batch_size=args.num_validation_images,
-            generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
-            output_type="np",
-        ).images
-        unwrapped_generator.train()
-        if ema is not None:
-            ema.restore(unwrapped_generator.parameters())
-        log_images(accelerator, "validation", images, step)
-        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-        image_grid(images).save(os.path.join(args.output_dir, "validation", f"step-{step:07d}.png"))
+        with ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
+            pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
+            pipeline.set_progress_bar_config(disable=True)
+            images = pipeline(
+                class_labels=validation_labels(args.num_validation_images, num_classes),
+                batch_size=args.num_validation_images,
+                generator=torch.Generator(device=accelerator.device).manual_seed(args.seed),
+                output_type="np",
+            ).images
+        save_validation_grid(accelerator, images, args.output_dir, step)
 
     def run_evaluation(step: int) -> None:
         """Measure the EMA generator on every process (sharded, collective), log eval/<metric>, keep the best in best/.
 
         The RNG states are restored afterwards: a run with evaluation trains exactly as one without."""
-        with preserve_rng_state(accelerator):
-            if ema is not None:
-                ema.store(unwrapped_generator.parameters())
-                ema.copy_to(unwrapped_generator.parameters())
-            unwrapped_generator.eval()
+        with preserve_rng_state(accelerator), ema_weights(ema, unwrapped_generator.parameters(), unwrapped_generator):
             pipeline = DiffusionGANPipeline(gan=unwrapped_generator, id2label=id2label)
-            results, is_best = evaluator.evaluate(pipeline, step)
-            if is_best and accelerator.is_main_process:
-                assert_finite_parameters({"generator": unwrapped_generator})
 
-                def write(folder: str) -> None:
-                    pipeline.save_pretrained(folder)
-                    copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
-                    evaluator.write_best_metrics(folder, step, results)
+            def write_best(folder: str) -> None:
+                pipeline.save_pretrained(folder)
+                copy_pipeline_file(pipeline_diffusion_gan.__file__, folder)
 
-                atomic_save_pretrained(evaluator.best_dir, write)
-            unwrapped_generator.train()
-            if ema is not None:
-                ema.restore(unwrapped_generator.parameters())
-        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()) + (" (best)" * is_best))
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+            evaluate_and_keep_best(
+                accelerator, evaluator, step, pipeline, write_best, {"generator": unwrapped_generator}
+            )
         accelerator.wait_for_everyone()
 
     # ---- loop
@@ -544,7 +562,7 @@ def main(args: argparse.Namespace) -> None:
             progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
                 save_checkpoint(
                     accelerator,
@@ -553,13 +571,12 @@ def main(args: argparse.Namespace) -> None:
                     {"epoch": epoch, "bad_steps": bad_steps.state_dict()},
                     args.checkpoints_total_limit,
                 )
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(global_step)
-            if args.eval_steps and global_step % args.eval_steps == 0:
-                run_evaluation(global_step)  # on every process
-            if global_step >= args.max_train_steps:
+            run_periodic_jobs(
+                accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
+            )
+            if global_step >= max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= max_train_steps:
             break
 
     # ---- export: a pipeline folder with EMA weights, discriminator/, T.png, a model card and a pipeline.py
@@ -589,7 +606,8 @@ def main(args: argparse.Namespace) -> None:
                 [
                     f"- Data: {data}, {len(dataset)} images at {args.resolution}px, {num_classes or 'no'} classes.",
                     f"- Generator: `GANGenerator`, {sum(p.numel() for p in unwrapped_generator.parameters()) / 1e6:.2f}M "
-                    f"parameters, latent_dim {args.latent_dim}; EMA: {args.use_ema}.",
+                    f"parameters, latent_dim {args.latent_dim}; EMA: {args.use_ema}"
+                    + (f" (half-life {args.ema_kimg:g} kimg)." if args.ema_kimg is not None else "."),
                     f"- Discriminator (`discriminator/`): `TimestepDiscriminator`, trunk {disc.trunk}, t-conditioned "
                     f"{disc.t_conditioning}, class-conditional {disc.num_classes is not None}.",
                     f"- Diffusion-GAN: preset {config.preset}, diffusion {config.mode}, loss {config.loss_type}, "
@@ -603,8 +621,7 @@ def main(args: argparse.Namespace) -> None:
                 loads_without_sadm=False,
             )
 
-        atomic_save_pretrained(args.output_dir, write)
-        logger.info(f"Pipeline written to {args.output_dir}")
+        export_pipeline(args.output_dir, write)
     accelerator.end_training()
 
 

@@ -2,7 +2,6 @@
 
 import argparse
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -10,14 +9,8 @@ import torch
 from helpers import run_script, write_class_folder
 from PIL import Image
 
-from sadm.data import (
-    add_data_args,
-    collate_fn,
-    digits_image_folder,
-    load_train_dataset,
-    load_train_dataset_from_args,
-    scan_images,
-)
+from sadm.cli import add_data_args, data_config_from_args
+from sadm.data import DataConfig, collate_fn, digits_image_folder, load_train_dataset, scan_images
 from sadm.training import make_dataloader
 
 
@@ -49,12 +42,14 @@ def folder_with_bad_files(tmp_path):
 
 def test_error_mode_names_the_bad_file(folder_with_bad_files):
     with pytest.raises(ValueError, match=r"Cannot read image .*cut\.(png|jpg).*--on_bad_image skip"):
-        load_train_dataset(train_data_dir=str(folder_with_bad_files), resolution=8)
+        load_train_dataset(DataConfig(train_data_dir=str(folder_with_bad_files), resolution=8))
 
 
 def test_skip_mode_drops_bad_files_with_one_warning(folder_with_bad_files):
     with pytest.warns(UserWarning, match=r"dropped 3 of 12 image\(s\)") as record:
-        ds = load_train_dataset(train_data_dir=str(folder_with_bad_files), resolution=8, on_bad_image="skip")
+        ds = load_train_dataset(
+            DataConfig(train_data_dir=str(folder_with_bad_files), resolution=8, on_bad_image="skip")
+        )
     assert len([w for w in record if "--on_bad_image" in str(w.message)]) == 1
     message = str(record[0].message)
     assert "cut.png" in message and "cut.jpg" in message and "text.png" in message
@@ -83,24 +78,23 @@ def test_png_without_its_end_chunk_is_detected(tmp_path):
         readable_indices([path])
 
 
-def test_readability_check_is_fast_on_the_digits_default(sadm_cache):
+def test_readability_check_accepts_every_digit(sadm_cache):
+    # (its speed is not asserted here: timed tests fail on a loaded machine; it took ~0.1 s on 2 idle cores)
     files = sorted(digits_image_folder(sadm_cache).rglob("*.png"))
     assert len(files) == 1797
-    start = time.perf_counter()
     assert len(readable_indices(files)) == 1797
-    assert time.perf_counter() - start < 1.0  # measured ~0.1 s on a shared 2-core machine
 
 
 def test_all_files_bad_is_an_error_even_with_skip(tmp_path):
     (tmp_path / "x.png").write_bytes(b"junk")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="None of the 1 images"):
-        load_train_dataset(train_data_dir=str(tmp_path), resolution=8, on_bad_image="skip")
+        load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8, on_bad_image="skip"))
 
 
 def test_unknown_on_bad_image_value_is_named(tmp_path):
     write_class_folder(tmp_path)
     with pytest.raises(ValueError, match="--on_bad_image must be 'error' or 'skip', got 'ignore'"):
-        load_train_dataset(train_data_dir=str(tmp_path), resolution=8, on_bad_image="ignore")
+        load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8, on_bad_image="ignore"))
 
 
 def write_metadata_folder(root, labels):
@@ -113,9 +107,9 @@ def write_metadata_folder(root, labels):
 def test_metadata_rows_without_label(tmp_path):
     root = write_metadata_folder(tmp_path, ["cat", "", "dog", ""])
     with pytest.raises(ValueError, match=r"row 3 \(1.png\): missing value in label column 'label'"):
-        load_train_dataset(train_data_dir=str(root), resolution=8)
+        load_train_dataset(DataConfig(train_data_dir=str(root), resolution=8))
     with pytest.warns(UserWarning, match=r"dropped 2 row\(s\).*1.png.*3.png"):
-        ds = load_train_dataset(train_data_dir=str(root), resolution=8, on_bad_image="skip")
+        ds = load_train_dataset(DataConfig(train_data_dir=str(root), resolution=8, on_bad_image="skip"))
     assert len(ds) == 2 and ds.id2label == {0: "cat", 1: "dog"}
     assert [ds[i]["class_labels"].item() for i in range(2)] == [0, 1]
     assert ds[1]["pixel_values"][0, 0, 0].item() == pytest.approx(30 * 2 / 255 * 2 - 1, abs=1e-6)  # row 2.png
@@ -125,9 +119,9 @@ def test_metadata_file_that_does_not_exist(tmp_path):
     root = write_metadata_folder(tmp_path, ["0", "1", "1"])
     (root / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match="1.png"):
-        load_train_dataset(train_data_dir=str(root), resolution=8)
+        load_train_dataset(DataConfig(train_data_dir=str(root), resolution=8))
     with pytest.warns(UserWarning, match=r"dropped 1 file\(s\).*1.png"):
-        ds = load_train_dataset(train_data_dir=str(root), resolution=8, on_bad_image="skip")
+        ds = load_train_dataset(DataConfig(train_data_dir=str(root), resolution=8, on_bad_image="skip"))
     assert len(ds) == 2 and [ds[i]["class_labels"].item() for i in range(2)] == [0, 1]
 
 
@@ -139,14 +133,14 @@ def test_hf_dataset_rows_without_label(tmp_path):
     data = datasets.Dataset.from_dict({"image": images, "label": [0, None, 1, None]}, features=features)
     data.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(ValueError, match=r"rows \[1, 3\] have no value in 'label'"):
-        load_train_dataset(dataset_name=str(tmp_path / "ds"), resolution=8)
+        load_train_dataset(DataConfig(dataset_name=str(tmp_path / "ds"), resolution=8))
     with pytest.warns(UserWarning, match=r"dropped 2 row\(s\)"):
-        ds = load_train_dataset(dataset_name=str(tmp_path / "ds"), resolution=8, on_bad_image="skip")
+        ds = load_train_dataset(DataConfig(dataset_name=str(tmp_path / "ds"), resolution=8, on_bad_image="skip"))
     assert len(ds) == 2 and [ds[i]["class_labels"].item() for i in range(2)] == [0, 1]
     assert ds[1]["pixel_values"][0, 0, 0].item() == pytest.approx(60 / 255 * 2 - 1, abs=1e-6)  # the row with i = 2
 
 
-def test_flag_default_and_args_without_the_flag(tmp_path, folder_with_bad_files):
+def test_flag_default_and_skip_from_the_command_line(tmp_path, folder_with_bad_files):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     assert parser.parse_args([]).on_bad_image == "error"
@@ -154,15 +148,15 @@ def test_flag_default_and_args_without_the_flag(tmp_path, folder_with_bad_files)
         ["--train_data_dir", str(folder_with_bad_files), "--resolution", "8", "--on_bad_image", "skip"]
     )
     with pytest.warns(UserWarning, match="dropped 3"):
-        assert len(load_train_dataset_from_args(args)) == 9
-    del args.on_bad_image  # a script whose parser predates the flag keeps the strict default
+        assert len(load_train_dataset(data_config_from_args(args))) == 9
+    args.on_bad_image = "error"
     with pytest.raises(ValueError, match="Cannot read image"):
-        load_train_dataset_from_args(args)
+        load_train_dataset(data_config_from_args(args))
 
 
 def test_dataset_smaller_than_a_batch_gives_partial_batches(tmp_path, caplog):
     write_class_folder(tmp_path, classes=("a",), per_class=3, size=8)
-    ds = load_train_dataset(train_data_dir=str(tmp_path), resolution=8)
+    ds = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8))
     with caplog.at_level(logging.WARNING, logger="sadm.training"):
         loader = make_dataloader(ds, batch_size=8, seed=0, num_workers=0, collate_fn=collate_fn)
     assert "fewer than one batch of 8" in caplog.text
@@ -215,19 +209,19 @@ def test_image_modes_from_files(tmp_path, mode, suffix, channels, pixel):
     (tmp_path / "a").mkdir()
     image.save(tmp_path / "a" / f"0{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
     assert Image.open(tmp_path / "a" / f"0{suffix}").mode == mode
-    ds = load_train_dataset(train_data_dir=str(tmp_path), resolution=8)
+    ds = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8))
     assert ds.num_channels == channels
     x = ds[0]["pixel_values"]
     assert x.shape == (channels, 8, 8)
     tolerance = 6 / 255 * 2 if suffix == ".jpg" else 1 / 255 * 2
     torch.testing.assert_close(x[:, 4, 4], expected(pixel), atol=tolerance, rtol=0)
     # forcing the other channel count works for every mode
-    other = load_train_dataset(train_data_dir=str(tmp_path), resolution=8, num_channels=4 - channels)
+    other = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8, num_channels=4 - channels))
     assert other[0]["pixel_values"].shape == (4 - channels, 8, 8)
 
 
 def test_dark_16_bit_image_stays_dark(tmp_path):
     """A 16-bit image whose values are all below 256 is nearly black, not a full-range 8-bit image."""
     Image.new("I;16", (8, 8), 200).save(tmp_path / "dark.png")
-    ds = load_train_dataset(train_data_dir=str(tmp_path), resolution=8)
+    ds = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8))
     assert ds[0]["pixel_values"].max().item() == pytest.approx(-1.0, abs=2 / 255)

@@ -1,44 +1,90 @@
-"""`--help` of the training script states the effective default of every method-config flag."""
+"""`--help` of both training scripts states the effective default of every flag, and parsing never rewrites a flag."""
 
+import argparse
 import dataclasses
 import importlib.util
 import re
 
+import pytest
 from helpers import REPO
 
 from sadm.diffusion_gan import DiffusionGANConfig
 from sadm.structure import StructureConfig
 
 
-def _train_sadm():
-    spec = importlib.util.spec_from_file_location("train_sadm", REPO / "scripts" / "train_sadm.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_help_defaults_of_the_method_configs_are_the_effective_ones(tmp_path, capsys):
-    script = _train_sadm()
-    args = script.parse_args(["--output_dir", str(tmp_path)])
-    try:
+def _help_blocks(script, capsys) -> dict[str, str]:
+    """flag -> its help text, from the option lines of argparse's layout ("  --flag METAVAR  help...")."""
+    with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    except SystemExit:
-        pass
-    blocks = {}  # flag -> its help text, from the option lines of argparse's layout ("  --flag METAVAR  help...")
+    blocks = {}
     for block in re.split(r"\n(?=  -)", capsys.readouterr().out):
         if block.startswith("  --"):
+            block = block.split("\n\n")[0]  # the next group's title follows a blank line
             blocks[block.split()[0].rstrip(",")] = " ".join(block.split())  # argparse wraps lines
+    return blocks
+
+
+def _shown_default(blocks: dict[str, str], flag: str) -> str:
+    match = re.search(r"\(default: ([^()]*)\)\s*$", blocks[flag])
+    assert match, f"{flag} shows no default in --help: {blocks[flag]!r}"
+    return match.group(1)
+
+
+def _options(script) -> list[argparse.Action]:
+    """Every option of the script's parser, captured from the parser `parse_args` builds."""
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        captured["parser"] = self
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        script.parse_args(["--output_dir", "unused"])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return [a for a in captured["parser"]._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+
+
+@pytest.mark.parametrize("name", ["train_sadm", "train_diffusion_gan"])
+def test_help_shows_the_value_parse_args_gives_every_flag(name, tmp_path, capsys):
+    script = _script(name)
+    args = script.parse_args(["--output_dir", str(tmp_path)])
+    blocks = _help_blocks(script, capsys)
+    options = _options(script)
+    assert len(options) > 50
+    for action in options:
+        if action.required:  # --output_dir: no default to show
+            continue
+        flag = next(f for f in action.option_strings if f.startswith("--") and not f.startswith("--no-"))
+        value = getattr(args, action.dest)
+        assert _shown_default(blocks, flag) == str(value), f"{name} {flag}: --help says otherwise than {value!r}"
+        assert value == action.default, f"{name} {flag}: parse_args rewrote it to {value!r}"
+
+
+def test_help_defaults_of_the_method_configs_are_the_effective_ones(tmp_path, capsys):
+    script = _script("train_sadm")
+    args = script.parse_args(["--output_dir", str(tmp_path)])
+    run = script.run_config(args)
+    blocks = _help_blocks(script, capsys)
     for config, prefix, rename in (
-        (args.structure, "structure_", script.STRUCTURE_FLAGS),
-        (args.diffusion_gan, "diffusion_gan_", script.GAN_FLAGS),
+        (run.structure, "structure_", script.STRUCTURE_FLAGS),
+        (run.diffusion_gan, "diffusion_gan_", script.GAN_FLAGS),
     ):
         for field in dataclasses.fields(config):
             flag = "--" + rename.get(field.name, prefix + field.name)
-            match = re.search(r"\(default: ([^)]*)\)", blocks[flag])
-            assert match, f"{flag} has no default in --help"
-            shown, effective = match.group(1), getattr(config, field.name)
+            shown, effective = _shown_default(blocks, flag), getattr(config, field.name)
             if shown == "None":  # resolved in __post_init__ (e.g. the preset's values): the help says how
                 continue
             assert shown == str(effective), f"{flag}: --help says {shown}, the run uses {effective}"
-    assert args.structure.weight == 0.0 and args.diffusion_gan.weight == 0.0  # both terms are off by default
-    assert isinstance(args.structure, StructureConfig) and isinstance(args.diffusion_gan, DiffusionGANConfig)
+    assert run.structure.weight == 0.0 and run.diffusion_gan.weight == 0.0  # both terms are off by default
+    assert isinstance(run.structure, StructureConfig) and isinstance(run.diffusion_gan, DiffusionGANConfig)
+    assert run.learning_rate == 1e-3 and args.learning_rate is None  # derived in the run config, not in args

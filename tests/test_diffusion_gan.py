@@ -19,7 +19,7 @@ from sadm.diffusion_gan import (
     max_p_change,
 )
 from sadm.losses.adversarial import gan_discriminator_loss, gan_generator_loss, r1_penalty
-from sadm.models.timestep_discriminator import TimestepDiscriminator
+from sadm.models.timestep_discriminator import TimestepDiscriminator, minibatch_std
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -146,7 +146,7 @@ def test_priority_never_draws_one_and_favours_large_t():
 
 
 def test_projected_gan_table_grows_with_p():
-    diffusion = AdaptiveDiffusion.from_preset("projected_gan")
+    diffusion = build_adaptive_diffusion(DiffusionGANConfig(preset="projected_gan"))
     assert diffusion.T == 5 and int((diffusion.timestep_table == 0).sum()) == 64  # p = 0: nothing noised
     diffusion.p = 0.25
     diffusion.update_T()
@@ -241,8 +241,6 @@ def test_bad_diffusion_arguments_raise(kwargs, match):
 
 
 def test_bad_preset_and_config_arguments_raise():
-    with pytest.raises(ValueError, match="preset 'biggan'"):
-        AdaptiveDiffusion.from_preset("biggan")
     for kwargs, match in [
         ({"preset": "biggan"}, "preset 'biggan'"),
         ({"mode": "always"}, "mode 'always'"),
@@ -322,7 +320,7 @@ def test_r1_on_a_linear_discriminator():
 # ---------------------------------------------------------------------------------------------- discriminator
 
 
-@pytest.mark.parametrize("trunk", ["conv", "vit", "projected"])
+@pytest.mark.parametrize("trunk", ["conv", "resnet", "vit", "projected"])
 def test_discriminator_save_load_and_shape(tmp_path, trunk):
     discriminator = tiny_discriminator(trunk).eval()
     x, t, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 7, 10]), torch.tensor([0, 1, 2, 0])
@@ -374,6 +372,76 @@ def test_bad_discriminator_arguments_raise():
         )
 
 
+@pytest.mark.parametrize("sample_size", [8, 16])
+def test_resnet_trunk_size_and_shapes_at_8_and_16(sample_size):
+    """The digits configuration (base 64, 10 classes, t-conditioned): 0.3-1 M parameters, logits [B]."""
+    torch.manual_seed(0)
+    discriminator = TimestepDiscriminator(in_channels=1, sample_size=sample_size, trunk="resnet", num_classes=10)
+    num_parameters = sum(p.numel() for p in discriminator.parameters())
+    assert 0.3e6 <= num_parameters <= 1e6, num_parameters
+    assert len(discriminator.res_blocks) == {8: 1, 16: 2}[sample_size]  # halvings down to 4x4
+    x = torch.randn(6, 1, sample_size, sample_size)
+    logits = discriminator(x, torch.arange(6) * 100, torch.arange(6)).logits
+    assert logits.shape == (6,) and torch.isfinite(logits).all()
+
+
+def test_minibatch_std_by_hand():
+    # batch 4, group 2: groups {0, 2} and {1, 3} (sample i in group i mod B/G); 2 features of 1 pixel
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, 4.0], [0.0, 2.0]]).reshape(4, 2, 1, 1)
+    out = minibatch_std(x, group_size=2, eps=0.0)
+    assert out.shape == (4, 3, 1, 1) and torch.equal(out[:, :2], x)
+    # group {0, 2}: stds (|1-3|/2, |0-4|/2) = (1, 2), mean 1.5; group {1, 3}: (0, 1), mean 0.5
+    assert out[:, 2].flatten().tolist() == [1.5, 0.5, 1.5, 0.5]
+    # a group size that does not divide the batch falls back to the largest one that does (3 of 6 -> 3; 4 of 6 -> 3)
+    y = torch.randn(6, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(minibatch_std(y, 4), minibatch_std(y, 3))
+    assert not torch.equal(minibatch_std(y, 4), minibatch_std(y, 2))
+    z = torch.randn(5, 2, 2, 2)  # 5 is prime: groups of one, a constant channel
+    assert torch.allclose(minibatch_std(z, 4)[:, 2], torch.full((5, 2, 2), 1e-4))
+
+
+def test_resnet_minibatch_std_couples_the_samples_of_a_group():
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    other = x.clone()
+    other[2] += 1.0  # same group as sample 0 (groups of 4 in a batch of 8: samples 0, 2, 4, 6)
+    shifted = x.clone()
+    shifted[1] += 1.0  # the other group
+    grouped = tiny_discriminator("resnet", minibatch_std_group_size=4).eval()
+    base = grouped(x, t, labels).logits
+    assert not torch.allclose(base[0], grouped(other, t, labels).logits[0])
+    assert torch.equal(base[0], grouped(shifted, t, labels).logits[0])
+    alone = tiny_discriminator("resnet", minibatch_std_group_size=1).eval()
+    assert torch.equal(alone(x, t, labels).logits[0], alone(other, t, labels).logits[0])
+
+
+def test_resnet_projection_conditioning_on_t_and_class():
+    """logit = w·φ(y) + b + ⟨φ(y), c(t, class)⟩/√dim: the class and t enter only through the projection."""
+    discriminator = tiny_discriminator("resnet").eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 10, 10])
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    logits_a, logits_b = discriminator(x, t, a).logits, discriminator(x, t, b).logits
+    assert not torch.allclose(logits_a, logits_b)
+    assert not torch.allclose(logits_a, discriminator(x, torch.tensor([500, 500, 500]), a).logits)
+    with torch.no_grad():
+        phi = discriminator._features(x, None, None)[0]  # [B, feature_dim]
+        time = discriminator.time_embedding(discriminator.time_proj(t.float()))
+        cond = lambda labels: discriminator.cond_proj(time + discriminator.class_embedding(labels))  # noqa: E731
+        expected = (phi * (cond(a) - cond(b))).sum(dim=1) / math.sqrt(discriminator.feature_dim)
+    torch.testing.assert_close(logits_a - logits_b, expected)
+
+
+def test_bad_resnet_arguments_raise():
+    for size in (4, 12):
+        with pytest.raises(
+            ValueError, match=f"trunk='resnet' needs a power-of-two sample_size >= 8.*sample_size={size}"
+        ):
+            TimestepDiscriminator(in_channels=1, sample_size=size, trunk="resnet")
+    with pytest.raises(ValueError, match="minibatch_std_group_size=0"):
+        TimestepDiscriminator(in_channels=1, sample_size=8, trunk="resnet", minibatch_std_group_size=0)
+
+
 def test_projected_backbone_loads_local_weights(tmp_path):
     import timm
     from safetensors.torch import save_file
@@ -391,7 +459,7 @@ def test_projected_backbone_loads_local_weights(tmp_path):
 # ---------------------------------------------------------------------------------------------- loss functions
 
 
-@pytest.mark.parametrize("trunk", ["conv", "vit", "projected"])
+@pytest.mark.parametrize("trunk", ["conv", "resnet", "vit", "projected"])
 def test_one_discriminator_step_changes_every_trainable_parameter(trunk):
     discriminator = tiny_discriminator(trunk).train()
     config = DiffusionGANConfig(r1_gamma=1.0, r1_interval=4)

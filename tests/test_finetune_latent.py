@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sadm  # registers SADMDiTPipeline on diffusers
-from sadm.data import load_train_dataset
+from sadm.data import DataConfig, load_train_dataset
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion, diffusion_gan_generator_loss
 from sadm.latents import (
     build_latent_cache,
@@ -143,7 +143,7 @@ def test_cached_latents_train_as_uncached_and_resume_exactly(tmp_path, replica, 
 
 
 def test_latent_cache_replays_flips_and_holds_the_flipped_images_moments(tmp_path, replica, data_dir):
-    images = load_train_dataset(train_data_dir=str(data_dir), resolution=16, random_flip=True)
+    images = load_train_dataset(DataConfig(train_data_dir=str(data_dir), resolution=16, random_flip=True))
     images.augment_seed = 3
     vae, source = load_vae(None, str(replica), pretrained_components(str(replica)))
     path = build_latent_cache(images, vae, tmp_path / "cache", batch_size=4, disable_progress=True)
@@ -162,14 +162,16 @@ def test_latent_cache_replays_flips_and_holds_the_flipped_images_moments(tmp_pat
     assert not torch.allclose(plain, cache[flipped]["latent_moments"], atol=1e-3)  # the flip matters
     # reused as is; other settings get another file
     assert build_latent_cache(images, vae, tmp_path / "cache", disable_progress=True) == path
-    other = load_train_dataset(train_data_dir=str(data_dir), resolution=16, random_flip=True, center_crop=True)
+    other = load_train_dataset(
+        DataConfig(train_data_dir=str(data_dir), resolution=16, random_flip=True, center_crop=True)
+    )
     assert build_latent_cache(other, vae, tmp_path / "cache", disable_progress=True) != path
 
 
 def test_latent_cache_refuses_random_crops(tmp_path, replica):
     data = write_class_folder(tmp_path / "wide", classes=("0",), per_class=1, size=16)
     Image.new("RGB", (24, 16)).save(data / "0" / "wide.png")
-    images = load_train_dataset(train_data_dir=str(data), resolution=16)
+    images = load_train_dataset(DataConfig(train_data_dir=str(data), resolution=16))
     vae, _ = load_vae(None, str(replica), pretrained_components(str(replica)))
     with pytest.raises(ValueError, match=r"wide\.png is 24x16 after resizing.*--center_crop"):
         build_latent_cache(images, vae, tmp_path / "cache", disable_progress=True)
@@ -260,10 +262,10 @@ def test_script_stops_on_a_resolution_the_pretrained_dit_does_not_fit(tmp_path, 
 def test_small_images_are_upscaled_with_a_warning_or_refused(tmp_path):
     data = write_class_folder(tmp_path / "small", classes=("a",), per_class=2, size=8)
     with pytest.warns(UserWarning, match=r"2 image\(s\) are smaller than --resolution 16 .*8x8.*upscaled"):
-        dataset = load_train_dataset(train_data_dir=str(data), resolution=16)
+        dataset = load_train_dataset(DataConfig(train_data_dir=str(data), resolution=16))
     assert dataset[0]["pixel_values"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match=r"smaller than --resolution 16, e\.g\. .*0\.png is 8x8.*--small_images"):
-        load_train_dataset(train_data_dir=str(data), resolution=16, small_images="refuse")
+        load_train_dataset(DataConfig(train_data_dir=str(data), resolution=16, small_images="refuse"))
 
 
 def test_vae_from_its_own_folder_a_pipeline_folder_or_nowhere(tmp_path, replica):

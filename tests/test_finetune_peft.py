@@ -312,11 +312,14 @@ def test_bad_fine_tuning_flags_stop_with_clear_errors(tmp_path, base, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------- the evidence's tooling
-def test_sample_crops_folder_is_deterministic_and_refuses_a_non_empty_folder(tmp_path):
+def test_sample_crops_folder_is_deterministic_and_refuses_a_non_empty_folder(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from sadm.data import sample_crops_image_folder, scan_image_folder
+    from sadm.data import scan_image_folder
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from make_sample_crops import sample_crops_image_folder
 
     a = sample_crops_image_folder(tmp_path / "a", per_class=3, seed=0)
     files, labels, id2label = scan_image_folder(a)
@@ -332,8 +335,11 @@ def test_sample_crops_folder_is_deterministic_and_refuses_a_non_empty_folder(tmp
 def test_evaluate_pixels_features(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import evaluate
+    from accelerate import Accelerator
+
+    from sadm.evaluation import build_feature_network
 
     args = evaluate.parse_args(["--samples", str(tmp_path), "--feature_network", "pixels", "--metrics", "fid"])
-    network = evaluate.build_feature_network(args, None)
+    network = build_feature_network(args.feature_network, args.resolution, Accelerator(cpu=True))
     images = torch.rand(2, 1, 16, 16) * 2 - 1
     assert network.identity == "pixels_r16" and torch.equal(network(images), images.reshape(2, 256))

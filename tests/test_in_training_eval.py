@@ -11,14 +11,8 @@ from helpers import run_script, write_class_folder
 from safetensors.torch import load_file
 
 import sadm  # noqa: F401  registers the pipeline classes
-from sadm.evaluation import (
-    EVAL_HISTORY_NAME,
-    InTrainingEvaluator,
-    RandomConvFeatures,
-    add_eval_args,
-    check_eval_args,
-    load_images_npz,
-)
+from sadm.cli import add_eval_args, eval_config_from_args
+from sadm.evaluation import EVAL_HISTORY_NAME, EvalConfig, InTrainingEvaluator, RandomConvFeatures, load_images_npz
 from sadm.metrics import FeatureStatistics
 
 COMMON = ["--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0", "--report_to", "none"]
@@ -89,16 +83,14 @@ def parse(argv):
         parser.add_argument(flag, default=None)
     parser.add_argument("--unconditional", action="store_true")
     add_eval_args(parser)
-    args = parser.parse_args(argv)
-    check_eval_args(args, parser)
-    return args
+    return eval_config_from_args(parser.parse_args(argv), parser)
 
 
 def test_eval_flag_defaults_follow_the_data():
     digits = parse(["--eval_steps", "5"])
-    assert (digits.eval_metrics, digits.eval_feature_network) == ("fid,accuracy", "digits")
+    assert (digits.metrics, digits.feature_network) == (("fid", "accuracy"), "digits")
     folder = parse(["--train_data_dir", "x"])  # eval off: no weights needed
-    assert (folder.eval_metrics, folder.eval_feature_network) == ("fid", "inception")
+    assert (folder.metrics, folder.feature_network) == (("fid",), "inception")
 
 
 @pytest.mark.parametrize(
@@ -146,8 +138,11 @@ def make_evaluator(tmp_path, best_metric, start_step=0):
     from accelerate import Accelerator
 
     reference = FeatureStatistics.from_features(torch.randn(6, 64, generator=torch.Generator().manual_seed(0)))
+    config = EvalConfig(
+        steps=10, metrics=("fid", "accuracy"), best_metric=best_metric, feature_network="random", on_digits=True
+    )
     return InTrainingEvaluator(
-        str(tmp_path), ["fid", "accuracy"], best_metric, RandomConvFeatures(), reference, Accelerator(cpu=True),
+        config, str(tmp_path), RandomConvFeatures(), reference, Accelerator(cpu=True),
         classifier=lambda images: torch.zeros(images.shape[0], 2), start_step=start_step,
     )  # fmt: skip
 
@@ -175,3 +170,26 @@ def test_adm_layout_npz_is_read(tmp_path):
     dataset = load_images_npz(tmp_path / "adm.npz")
     assert len(dataset) == 3 and dataset.labels is None
     assert torch.allclose(dataset[0]["pixel_values"], torch.from_numpy(images[0]).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_eval_config_is_the_one_place_of_defaults_and_checks():
+    from dataclasses import fields
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--dataset_name", "--train_data_dir"):
+        parser.add_argument(flag, default=None)
+    parser.add_argument("--unconditional", action="store_true")
+    add_eval_args(parser)
+    from_flags = eval_config_from_args(parser.parse_args([]))
+    defaults = EvalConfig(on_digits=True)
+    assert from_flags == defaults  # the flags' defaults are the config's
+    for field in fields(EvalConfig):
+        flag = f"--eval_{field.name}"
+        if flag in parser._option_string_actions and field.default is not None:
+            assert parser.get_default(flag[2:]) == field.default, flag
+    # library callers get the same checks, as ValueError
+    with pytest.raises(ValueError, match="--eval_metrics 'fid,is'"):
+        EvalConfig(steps=5, metrics=("fid", "is"), feature_network="random")
+    with pytest.raises(ValueError, match="--eval_metrics accuracy uses the digit classifier"):
+        EvalConfig(steps=5, metrics=("fid", "accuracy"), feature_network="random", on_digits=True, conditional=False)
+    assert EvalConfig(steps=0, metrics=("nonsense",)).metrics == ("nonsense",)  # evaluation off: nothing checked

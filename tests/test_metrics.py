@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from sadm.evaluation import InceptionFeatures, ModuleFeatures
 from sadm.metrics import (
     FeatureStatistics,
-    InceptionFeatures,
-    ModuleFeatures,
+    MetricOptions,
     conditional_accuracy,
     evaluate_features,
     frechet_distance,
@@ -226,7 +226,7 @@ def test_module_features_identity_tracks_weights():
 
 
 def test_timm_features_random_init_tiny():
-    from sadm.metrics import TimmFeatures
+    from sadm.evaluation import TimmFeatures
 
     features = TimmFeatures("resnet10t", image_size=32)
     out = features(torch.rand(2, 1, 16, 16) * 2 - 1)
@@ -264,13 +264,14 @@ def digits_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_features(digits_cache):
-    from sadm.models.digit_classifier import DigitsFeatures
+    from sadm.evaluation import DigitsFeatures
 
     return DigitsFeatures(resolution=8, cache_dir=digits_cache)
 
 
 def test_digit_classifier_trains_and_caches(digits_cache, digits_features):
-    from sadm.models.digit_classifier import DigitsFeatures, load_or_train_digit_classifier
+    from sadm.evaluation import DigitsFeatures
+    from sadm.evaluation.digits import load_or_train_digit_classifier
 
     assert digits_features.heldout_accuracy >= 0.97
     assert (digits_cache / "digit_classifier_r8_seed0" / "heldout_accuracy.json").exists()
@@ -304,7 +305,7 @@ def test_evaluate_samples_on_real_digits(digits_features):
         ["fid", "kid", "precision", "recall", "is", "accuracy"],
         batch_size=64,
         classifier=digits_features.logits,
-        kid_subsets=10,
+        options=MetricOptions(kid_subsets=10),
     )
     assert set(results) == {"fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std", "accuracy"}
     assert results["accuracy"] > 0.9 and results["precision"] > 0.5 and results["recall"] > 0.5
@@ -329,7 +330,7 @@ def test_evaluate_pipeline_tiny_dit_is_deterministic_and_batch_invariant(digits_
         digits_features, ImageTensorDataset(uint8_to_tensor(images)), batch_size=50
     )
     assert reference.feature_network_id == digits_features.identity and reference.features.shape == (100, 128)
-    kwargs = dict(num_inference_steps=2, classifier=digits_features.logits, kid_subsets=5)
+    kwargs = dict(num_inference_steps=2, classifier=digits_features.logits, options=MetricOptions(kid_subsets=5))
     metrics = ["fid", "kid", "precision", "recall", "is", "accuracy"]
     first = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, batch_size=8, **kwargs)
     again = evaluate_pipeline(pipeline, reference, 20, digits_features, metrics, batch_size=8, **kwargs)
@@ -407,7 +408,7 @@ def test_image_folder_and_npz_loaders(tmp_path):
 
 def test_inception_features_from_a_local_file_and_a_clear_error_without_it(tmp_path, monkeypatch):
     fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    from sadm.metrics import InceptionFeatures
+    from sadm.evaluation import InceptionFeatures
 
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         InceptionFeatures(tmp_path / "missing.pth")
@@ -422,3 +423,37 @@ def test_inception_features_from_a_local_file_and_a_clear_error_without_it(tmp_p
     out = features(torch.rand(2, 1, 16, 16) * 2 - 1)
     assert out.shape == (2, 2048) and torch.isfinite(out).all()
     assert features.identity.startswith("inception_v3_fid_")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_names_directions_and_keys():
+    from sadm.metrics import METRICS, compute_metrics
+
+    assert {name for name, metric in METRICS.items() if metric.higher_is_better} == {
+        "precision",
+        "recall",
+        "is",
+        "accuracy",
+    }
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(40, 6, generator=generator), torch.randn(30, 6, generator=generator) + 0.5
+    reference = FeatureStatistics.from_features(real)
+    reference.features = real
+    samples = {
+        "features": fake,
+        "logits": torch.randn(30, 4, generator=generator),
+        "class_logits": torch.randn(30, 4, generator=generator),
+        "labels": torch.randint(0, 4, (30,), generator=generator),
+    }
+    options = MetricOptions(kid_subsets=3, kid_subset_size=20, is_splits=3)
+    for name, metric in METRICS.items():  # each metric reports exactly its keys
+        assert set(compute_metrics(reference, samples, [name], options)) == set(metric.keys), name
+    results = compute_metrics(reference, samples, list(METRICS), options)
+    assert (results["precision"], results["recall"]) == precision_recall(real, fake, k=3)
+    assert (results["kid_mean"], results["kid_std"]) == kid(real, fake, 3, 20)
+    with pytest.raises(ValueError, match="must be a non-empty list"):
+        compute_metrics(reference, samples, ["fid", "vgg_score"])
+    with pytest.raises(ValueError, match="--pr_k must be >= 1"):
+        MetricOptions(pr_k=0)

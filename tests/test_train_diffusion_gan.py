@@ -20,6 +20,8 @@ from sadm.training import list_checkpoints
 
 TINY = ["--resolution", "8", "--train_batch_size", "2", "--latent_dim", "8", "--generator_base_channels", "8",
         "--disc_base_channels", "8", "--disc_num_layers", "2", "--validation_steps", "0", "--report_to", "none"]  # fmt: skip
+# the networks for small data: residual D with minibatch std, two convolutions per generator resolution, EMA half-life
+NEW_NETWORKS = ["--disc_trunk", "resnet", "--generator_layers_per_block", "2", "--ema_kimg", "0.01"]
 # p moves at every D step (ada_interval 1, tiny ada_kimg, low target), so T changes within a few steps
 MOVING_T = ["--diffusion_gan_ada_interval", "1", "--diffusion_gan_ada_kimg", "0.01", "--diffusion_gan_target", "-0.5",
             "--disc_learning_rate", "0.01"]  # fmt: skip
@@ -67,11 +69,36 @@ def test_generator_class_changes_the_image():
     assert not torch.allclose(images[0], images[1]) and not torch.allclose(images[1], images[2])
 
 
+def test_generator_layers_per_block_adds_same_size_blocks():
+    one, two = tiny_generator(sample_size=16), None
+    torch.manual_seed(0)
+    two = GANGenerator(
+        out_channels=1, sample_size=16, latent_dim=8, base_channels=8, num_classes=3, layers_per_block=2
+    )
+    assert len(one.blocks) == 3 and len(two.blocks) == 6  # resolutions 4, 8, 16
+    assert [b.upsample for b in two.blocks] == [False, False, True, False, True, False]
+    assert sum(p.numel() for p in two.parameters()) > sum(p.numel() for p in one.parameters())
+    images = two(torch.randn(2, 8), class_labels=torch.tensor([0, 2])).sample
+    assert images.shape == (2, 1, 16, 16) and images.std() > 0.05
+
+
+def test_ema_decay_from_half_life():
+    script = load_train_script()
+    # StyleGAN2's 10 kimg at batch 32: 312.5 steps halve the weight of the current generator
+    beta = script.ema_decay_from_half_life(10, total_batch=32)
+    assert beta == pytest.approx(0.5 ** (32 / 10_000)) and beta**312.5 == pytest.approx(0.5)
+    assert script.ema_decay_from_half_life(10, total_batch=64) < beta  # a bigger batch sees the images sooner
+    with pytest.raises(ValueError, match="ema_kimg=0"):
+        script.ema_decay_from_half_life(0, total_batch=32)
+
+
 def test_generator_bad_arguments_raise():
     with pytest.raises(ValueError, match="sample_size=12"):
         GANGenerator(out_channels=1, sample_size=12)
     with pytest.raises(ValueError, match="base_channels=12"):
         GANGenerator(out_channels=1, sample_size=8, base_channels=12, norm_num_groups=8)
+    with pytest.raises(ValueError, match="layers_per_block=0"):
+        GANGenerator(out_channels=1, sample_size=8, layers_per_block=0)
     model = tiny_generator(num_classes=3)
     with pytest.raises(ValueError, match=r"z must have shape \[B, 8\]"):
         model(torch.randn(2, 4), class_labels=torch.tensor([0, 1]))
@@ -193,12 +220,13 @@ def test_smoke_run_exports_pipeline_discriminator_and_T_plot(tmp_path, data_dir)
     assert all(torch.equal(ema[k], exported[k]) for k in exported)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
+@pytest.mark.parametrize("networks", [[], NEW_NETWORKS], ids=["conv", "resnet_ema_kimg"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir, networks):
     # 2 D steps per G step, 2 micro-batches per optimizer step, 4 batches per epoch: a 3-slot cycle straddles epochs
     # and the step-3 checkpoint falls mid-epoch
     common = [*TINY, *MOVING_T, "--train_data_dir", str(data_dir), "--gradient_accumulation_steps", "2",
               "--diffusion_gan_disc_update_ratio", "2", "--diffusion_gan_r1_interval", "2", "--use_ema",
-              "--random_flip", "--checkpointing_steps", "3"]  # fmt: skip
+              "--random_flip", "--checkpointing_steps", "3", *networks]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # launch=False: a plain single-process run, the same code path as one `accelerate launch` CPU process
     first = run_script(
@@ -224,6 +252,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     history = json.loads((straight / "T_history.json").read_text())
     assert history == json.loads((resumed / "T_history.json").read_text())
     assert len({T for _, _, T, _ in history}) > 1, "T never moved: the test would not cover the adaptive state"
+    # the export holds the EMA generator, which is not the raw one
+    ema = load_file(str(straight / "checkpoint-6" / "generator_ema" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(straight / "checkpoint-6" / "generator" / "diffusion_pytorch_model.safetensors"))
+    exported = load_file(str(straight / "gan" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(ema[k], exported[k]) for k in exported)
+    assert not all(torch.equal(raw[k], exported[k]) for k in exported)
+    if networks:  # --ema_kimg 0.01 at a total batch of 4: decay 0.5^(4/10) per step, saved with the EMA
+        ema_config = json.loads((straight / "checkpoint-6" / "generator_ema" / "config.json").read_text())
+        assert ema_config["decay"] == pytest.approx(0.5 ** (4 / 10)) and not ema_config["use_ema_warmup"]
+        assert TimestepDiscriminator.from_pretrained(straight / "discriminator").config.trunk == "resnet"
+        assert GANGenerator.from_pretrained(straight / "gan").config.layers_per_block == 2
 
 
 def test_bad_flags_stop_before_training(tmp_path, capsys):
@@ -236,7 +275,7 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
     assert "t_min=0 must be >= 1" in capsys.readouterr().err
     args = script.parse_args(["--diffusion_gan_preset", "insgen", "--diffusion_gan_t_max", "200", "--diffusion", "fixed",
                               "--no-diffusion_gan_class_conditional_disc", "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    config = args.diffusion_gan
+    config = script.diffusion_gan_config(args)
     assert (config.t_max, config.ts_dist, config.mode, config.class_conditional_disc) == (
         200,
         "uniform",
@@ -249,6 +288,15 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--ema_kimg", "0"], "--ema_kimg (the EMA half-life in kimg) must be > 0, got 0.0"),
+        (["--ema_kimg", "-2"], "--ema_kimg (the EMA half-life in kimg) must be > 0, got -2.0"),
+        (["--ema_kimg", "10", "--no-use_ema"], "--ema_kimg sets the EMA half-life and needs --use_ema"),
+        (
+            ["--disc_trunk", "resnet", "--resolution", "4"],
+            "--disc_trunk resnet halves the image down to 4x4 and needs --resolution >= 8, got 4",
+        ),  # fmt: skip
+        (["--disc_minibatch_std_group_size", "0"], "--disc_minibatch_std_group_size must be >= 1, got 0"),
+        (["--generator_layers_per_block", "0"], "--generator_layers_per_block must be >= 1, got 0"),
         (["--diffusion_gan_ada_kimg", "0"], "--diffusion_gan_ada_kimg: ada_kimg=0.0 must be > 0"),
         (["--diffusion_gan_ada_kimg", "-1"], "--diffusion_gan_ada_kimg: ada_kimg=-1.0 must be > 0"),
         (["--diffusion_gan_target", "1.5"], "--diffusion_gan_target: target=1.5 must be in (-1, 1)"),

@@ -6,6 +6,8 @@ Notation (DDPM, Ho et al. 2020): x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, SNR(
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -22,19 +24,50 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return alpha_bar / (1.0 - alpha_bar)
 
 
+@dataclass(frozen=True)
+class Parameterization:
+    """What a prediction type means, in one place: the regression target, x̂₀ from the output, and the Min-SNR-γ
+    weight of the regressed quantity. Each entry takes ᾱ_t broadcast to the sample shape (or SNR(t) `[B]`)."""
+
+    target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x₀, ε, ᾱ_t) -> target
+    x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (output, x_t, ᾱ_t) -> x̂₀
+    min_snr_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (SNR, min(SNR, γ)) -> weight
+
+
+# ε (DDPM), v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀ (Salimans & Ho 2022), x₀; Min-SNR-γ weights from Hang et al. 2023.
+# The ε form of x̂₀ divides by √ᾱ_t and amplifies errors at large t; adversarial terms weight or gate those timesteps.
+PARAMETERIZATIONS: dict[str, Parameterization] = {
+    "epsilon": Parameterization(
+        target=lambda x0, noise, a: noise,
+        x0=lambda output, x_t, a: (x_t - (1 - a).sqrt() * output) / a.sqrt(),
+        min_snr_weight=lambda s, clipped: clipped / s,
+    ),
+    "v_prediction": Parameterization(
+        target=lambda x0, noise, a: a.sqrt() * noise - (1 - a).sqrt() * x0,
+        x0=lambda output, x_t, a: a.sqrt() * x_t - (1 - a).sqrt() * output,
+        min_snr_weight=lambda s, clipped: clipped / (s + 1),
+    ),
+    "sample": Parameterization(
+        target=lambda x0, noise, a: x0,
+        x0=lambda output, x_t, a: output,
+        min_snr_weight=lambda s, clipped: clipped,
+    ),
+}
+
+
+def parameterization(prediction_type: str) -> Parameterization:
+    if prediction_type not in PARAMETERIZATIONS:
+        raise ValueError(f"prediction_type '{prediction_type}' is not one of {', '.join(PARAMETERIZATIONS)}.")
+    return PARAMETERIZATIONS[prediction_type]
+
+
 def training_target(
     x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
     """What the network regresses: ε, v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀ (Salimans & Ho 2022), or x₀ itself."""
-    if prediction_type == "epsilon":
-        return noise
-    elif prediction_type == "v_prediction":
-        a = _gather(alphas_cumprod, timesteps, x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    elif prediction_type == "sample":
-        return x0
-    else:
-        raise ValueError(f"prediction_type '{prediction_type}' is not one of epsilon, v_prediction, sample.")
+    kind = parameterization(prediction_type)
+    a = _gather(alphas_cumprod, timesteps, x0) if prediction_type == "v_prediction" else None
+    return kind.target(x0, noise, a)
 
 
 def predict_x0(
@@ -49,17 +82,9 @@ def predict_x0(
     ε:  x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t
     v:  x̂₀ = √ᾱ_t·x_t − √(1−ᾱ_t)·v̂
     x₀: x̂₀ = model output
-    The ε form divides by √ᾱ_t and amplifies errors at large t; adversarial terms weight or gate those timesteps.
     """
-    a = _gather(alphas_cumprod, timesteps, x_t)
-    if prediction_type == "epsilon":
-        return (x_t - (1 - a).sqrt() * model_output) / a.sqrt()
-    elif prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * model_output
-    elif prediction_type == "sample":
-        return model_output
-    else:
-        raise ValueError(f"prediction_type '{prediction_type}' is not one of epsilon, v_prediction, sample.")
+    kind = parameterization(prediction_type)
+    return kind.x0(model_output, x_t, _gather(alphas_cumprod, timesteps, x_t))
 
 
 def denoising_loss(
@@ -75,20 +100,12 @@ def denoising_loss(
     With ε-prediction and no weighting this is DiT's L_simple, i.e. L_DSM with w(λ_t) = SNR(t) in x₀ space.
     Min-SNR-γ weights, expressed for the regressed quantity: ε: min(SNR, γ)/SNR; v: min(SNR, γ)/(SNR + 1); x₀: min(SNR, γ).
     """
+    kind = parameterization(prediction_type)
     mse = (model_output.float() - target.float()).pow(2).mean(dim=tuple(range(1, model_output.ndim)))
     if snr_gamma is None:
         return mse
     s = snr(alphas_cumprod, timesteps)
-    clipped = torch.clamp(s, max=snr_gamma)
-    if prediction_type == "epsilon":
-        weight = clipped / s
-    elif prediction_type == "v_prediction":
-        weight = clipped / (s + 1)
-    elif prediction_type == "sample":
-        weight = clipped
-    else:
-        raise ValueError(f"prediction_type '{prediction_type}' is not one of epsilon, v_prediction, sample.")
-    return mse * weight
+    return mse * kind.min_snr_weight(s, torch.clamp(s, max=snr_gamma))
 
 
 def _normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:

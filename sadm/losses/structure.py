@@ -259,11 +259,24 @@ def structure_timestep_weights(
             f"`timesteps` must lie in [0, {alphas_cumprod.shape[0] - 1}], got min {timesteps.min().item()} "
             f"and max {timesteps.max().item()}."
         )
+    if weighting == "snr" and snr_clip <= 0:
+        raise ValueError(f"`snr_clip` must be > 0, got {snr_clip}.")
+    return timestep_weights(timesteps, alphas_cumprod, weighting, snr_clip, t_threshold)
+
+
+def timestep_weights(
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    weighting: str = "threshold",
+    snr_clip: float = 5.0,
+    t_threshold: int = 100,
+) -> torch.Tensor:
+    """[`structure_timestep_weights`] without its input checks, for the training step: the options are validated
+    once by their config and the timesteps come from the objective, so no check runs (and no device value is read on
+    the host) per step."""
     if weighting == "none":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     elif weighting == "snr":
-        if snr_clip <= 0:
-            raise ValueError(f"`snr_clip` must be > 0, got {snr_clip}.")
         alpha_bar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]  # ᾱ_t, [B]
         snr = alpha_bar / (1.0 - alpha_bar)  # ᾱ_t / (1 − ᾱ_t), [B]
         return (snr.clamp(max=snr_clip) / snr_clip).float()  # min(SNR, clip) / clip

@@ -4,11 +4,12 @@ DCGAN-sized, StyleGAN-like in structure (a mapping network whose output modulate
 
     w = MLP([z/rms(z), E[class]/rms(E[class])])                     mapping network (StyleGAN2, normalize_2nd_moment)
     h = reshape(Linear(w))                                          [B, C_0, 4, 4]
-    h = LeakyReLU(GroupNorm(Conv3x3(Up2x(h)))·(1 + γ(w)) + β(w))    one block per resolution 4, 8, ..., sample_size
+    h = LeakyReLU(GroupNorm(Conv3x3(Up2x(h)))·(1 + γ(w)) + β(w))    `layers_per_block` blocks per resolution 4, 8, ...
     x = tanh(Conv3x3(h))                                            [B, C, H, W] in [-1, 1]
 
-The first block keeps 4x4; each next one doubles the resolution and halves the width (from min(2^k, 8)·base_channels
-down to base_channels). This file imports only torch and diffusers.
+The first resolution keeps 4x4; each next one doubles the resolution (in its first block) and halves the width (from
+min(2^k, 8)·base_channels down to base_channels); further blocks of a resolution keep its size and width (StyleGAN2
+has two convolutions per resolution). This file imports only torch and diffusers.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class GANGenerator(ModelMixin, ConfigMixin):
         num_classes (`int`, *optional*): class count of a class-conditional generator (a learned embedding joins z in
             the mapping network); `None` for an unconditional one.
         norm_num_groups (`int`, defaults to 8): GroupNorm groups; must divide `base_channels`.
+        layers_per_block (`int`, defaults to 1): modulated 3x3 convolutions per resolution (StyleGAN2: 2).
     """
 
     @register_to_config
@@ -81,6 +83,7 @@ class GANGenerator(ModelMixin, ConfigMixin):
         base_channels: int = 64,
         num_classes: int | None = None,
         norm_num_groups: int = 8,
+        layers_per_block: int = 1,
     ):
         super().__init__()
         if out_channels < 1:
@@ -95,6 +98,8 @@ class GANGenerator(ModelMixin, ConfigMixin):
             )
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1 or None.")
+        if layers_per_block < 1:
+            raise ValueError(f"layers_per_block={layers_per_block} must be >= 1.")
 
         num_upsamples = sample_size.bit_length() - 3  # log2(sample_size / 4)
         widths = [base_channels * min(2 ** (num_upsamples - level), 8) for level in range(num_upsamples + 1)]
@@ -111,9 +116,14 @@ class GANGenerator(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(
             [
                 _ModulatedBlock(
-                    widths[max(level - 1, 0)], widths[level], latent_dim, norm_num_groups, upsample=level > 0
+                    widths[max(level - 1, 0)] if layer == 0 else widths[level],
+                    widths[level],
+                    latent_dim,
+                    norm_num_groups,
+                    upsample=level > 0 and layer == 0,
                 )
                 for level in range(num_upsamples + 1)
+                for layer in range(layers_per_block)
             ]
         )
         self.to_image = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
@@ -164,7 +174,7 @@ class GANGenerator(ModelMixin, ConfigMixin):
         w = self.mapping(code)  # [B, latent_dim]
         h = self.input(w).reshape(z.shape[0], -1, 4, 4)  # [B, C_0·16] -> [B, C_0, 4, 4]
         for block in self.blocks:
-            h = block(h, w)  # [B, C_l, 4·2^l, 4·2^l]
+            h = block(h, w)  # [B, C_l, 4·2^l, 4·2^l] at resolution level l
         sample = torch.tanh(self.to_image(h))  # [B, C, H, W] in [-1, 1]
 
         if not return_dict:

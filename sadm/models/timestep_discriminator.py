@@ -5,7 +5,9 @@ The official code feeds t (with the class) through StyleGAN2's mapping network a
 
     c = W_c·SiLU(MLP(sin_emb(t)) + E[class]),   logit = ⟨φ(y), c⟩/√dim + w·φ(y) + b
 
-Three trunks φ: a small conv net (`conv`), a small ViT (`vit`), and a ProjectedGAN-style `projected` trunk (a frozen
+Four trunks φ: a small conv net (`conv`), a residual net in the shape of StyleGAN2's small-image discriminator
+(`resnet`: residual blocks down to 4x4, a minibatch-std channel, a conv and a fully connected layer over the whole
+4x4 map instead of average pooling), a small ViT (`vit`), and a ProjectedGAN-style `projected` trunk (a frozen
 random-init or locally loaded `timm` backbone, feature maps noised per (sample, channel) by the adaptive diffusion,
 light trainable heads per scale, logits averaged over scales; D gets no t, as Diffusion-ProjectedGAN).
 """
@@ -26,7 +28,9 @@ from torch import nn
 
 from ..diffusion_augment import AdaptiveDiffusion
 
-TRUNKS = ("conv", "vit", "projected")
+TRUNKS = ("conv", "resnet", "vit", "projected")
+# the resnet trunk ends on a 4x4 map (StyleGAN2's epilogue resolution)
+RESNET_FINAL_RESOLUTION = 4
 
 
 @dataclass
@@ -61,6 +65,35 @@ class _ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# StyleGAN2 (Karras et al., 2020, appendix / `MinibatchStdLayer`): one extra channel, the feature std within groups.
+def minibatch_std(x: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """Append the mean over (channels, pixels) of the per-feature std across each group of `group_size` samples
+    (the largest size <= `group_size` that divides the batch); samples of one group share the value."""
+    B, C, H, W = x.shape
+    group = max(g for g in range(1, min(group_size, B) + 1) if B % g == 0)
+    y = x.reshape(group, B // group, C, H, W)  # [G, B/G, C, H, W]; sample i is in group i mod B/G
+    std = (y.var(dim=0, unbiased=False) + eps).sqrt()  # [B/G, C, H, W]
+    std = std.mean(dim=(1, 2, 3))[:, None, None, None]  # [B/G, 1, 1, 1]
+    std = std.repeat(group, 1, H, W)  # [B, 1, H, W]
+    return torch.cat([x, std], dim=1)  # [B, C + 1, H, W]
+
+
+class _ResidualDownBlock(nn.Module):
+    """StyleGAN2's resnet D block: (Conv3x3 -> LReLU -> Conv3x3 -> LReLU -> AvgPool2) + (AvgPool2 -> Conv1x1), / √2."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(F.avg_pool2d(h, 2))  # [B, C_out, r/2, r/2]
+        h = F.leaky_relu(self.conv1(h), 0.2)  # [B, C_in, r, r]
+        h = F.avg_pool2d(F.leaky_relu(self.conv2(h), 0.2), 2)  # [B, C_out, r/2, r/2]
+        return (h + skip) / math.sqrt(2)
+
+
 class TimestepDiscriminator(ModelMixin, ConfigMixin):
     r"""
     Timestep- and class-conditional discriminator for Diffusion-GAN; `forward` returns raw logits `[B]`.
@@ -68,11 +101,15 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
     Args:
         in_channels (`int`): channels of the (noised) inputs.
         sample_size (`int`): height = width of the inputs.
-        trunk (`str`, defaults to `"conv"`): `conv`, `vit` or `projected` (frozen `timm` features + light heads).
-        base_channels (`int`, defaults to 64): width of the first conv layer (doubled per downsampling, capped at 8x),
-            of the ViT tokens, and of the projected heads.
+        trunk (`str`, defaults to `"conv"`): `conv`, `resnet`, `vit` or `projected` (frozen `timm` features + light
+            heads).
+        base_channels (`int`, defaults to 64): width of the first conv layer (conv: doubled per downsampling, capped
+            at 8x; resnet: doubled once, at the first block), of the ViT tokens, and of the projected heads.
         num_layers (`int`, defaults to 3): conv layers (the first keeps the resolution, each next one halves it) or
-            ViT blocks; unused by the projected trunk.
+            ViT blocks; unused by the resnet trunk (one residual block per halving down to 4x4: 1 at 8 pixels, 2 at
+            16) and by the projected trunk.
+        minibatch_std_group_size (`int`, defaults to 4): resnet trunk: group size of the minibatch-std channel
+            (StyleGAN2: 4; 1 makes the channel a constant, i.e. no cross-sample statistic).
         t_conditioning (`bool`, defaults to `True`): condition on t; False ignores t (ProjectedGAN setting, and the
             only choice with `trunk="projected"`, whose t is per (sample, channel)).
         num_classes (`int`, *optional*): class count for a class-conditional D (projection on a class embedding).
@@ -98,6 +135,7 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         trunk: str = "conv",
         base_channels: int = 64,
         num_layers: int = 3,
+        minibatch_std_group_size: int = 4,
         t_conditioning: bool = True,
         num_classes: int | None = None,
         max_timesteps: int = 1000,
@@ -122,6 +160,13 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
             raise ValueError(f"num_layers={num_layers} must be >= 1.")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1 or None.")
+        if trunk == "resnet" and (sample_size < 2 * RESNET_FINAL_RESOLUTION or sample_size & (sample_size - 1)):
+            raise ValueError(
+                f"trunk='resnet' needs a power-of-two sample_size >= {2 * RESNET_FINAL_RESOLUTION} (it halves the "
+                f"image down to {RESNET_FINAL_RESOLUTION}x{RESNET_FINAL_RESOLUTION}), got sample_size={sample_size}."
+            )
+        if minibatch_std_group_size < 1:
+            raise ValueError(f"minibatch_std_group_size={minibatch_std_group_size} must be >= 1.")
         if max_timesteps < 1:
             raise ValueError(f"max_timesteps={max_timesteps} must be >= 1.")
         if trunk == "vit" and sample_size % patch_size != 0:
@@ -140,6 +185,15 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
                 channels = out_channels
             self.conv_trunk = nn.Sequential(*layers)
             self.feature_dim = channels
+        elif trunk == "resnet":
+            num_blocks = (sample_size // RESNET_FINAL_RESOLUTION).bit_length() - 1  # log2(sample_size / 4)
+            widths = [base_channels] + [2 * base_channels] * num_blocks
+            self.from_image = nn.Conv2d(in_channels, base_channels, 1)
+            self.res_blocks = nn.ModuleList([_ResidualDownBlock(widths[i], widths[i + 1]) for i in range(num_blocks)])
+            # epilogue: minibatch std, a 3x3 conv, then a fully connected layer over the whole 4x4 map
+            self.epilogue_conv = nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1)
+            self.epilogue_fc = nn.Linear(widths[-1] * RESNET_FINAL_RESOLUTION**2, widths[-1])
+            self.feature_dim = widths[-1]
         elif trunk == "vit":
             num_tokens = (sample_size // patch_size) ** 2
             self.patch_embed = nn.Conv2d(in_channels, base_channels, patch_size, stride=patch_size)
@@ -213,6 +267,13 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         trunk = self.config.trunk
         if trunk == "conv":
             return [self.conv_trunk(sample).mean(dim=(2, 3))]  # [B, C, h, w] -> [B, C]
+        elif trunk == "resnet":
+            h = F.leaky_relu(self.from_image(sample), 0.2)  # [B, C_0, H, W]
+            for block in self.res_blocks:
+                h = block(h)  # [B, C, r, r] -> [B, C', r/2, r/2], down to 4x4
+            h = minibatch_std(h, self.config.minibatch_std_group_size)  # [B, C + 1, 4, 4]
+            h = F.leaky_relu(self.epilogue_conv(h), 0.2)  # [B, C, 4, 4]
+            return [F.leaky_relu(self.epilogue_fc(h.flatten(1)), 0.2)]  # [B, C·16] -> [B, C]
         elif trunk == "vit":
             tokens = self.patch_embed(sample).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, N, D]
             tokens = tokens + self.pos_embed

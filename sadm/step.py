@@ -1,0 +1,165 @@
+"""One training step of the DiT trainer: the denoising objective, the adversarial terms, and the guarded optimizer steps.
+
+[`DenoiserTrainStep`] is the loop body of `scripts/train_sadm.py`, as an object the tests and the speed benchmark
+call as they are:
+
+    batch → x₀ (pixels, or z₀ = s·(μ + σn) from the VAE's posterior moments) → objective.noise → DiT → objective.loss
+    → [x̂₀ through the frozen decoder (`--disc_input pixel`), clamped to ±x0_clip] → term.begin_step for every term
+    → Σ term.generator_loss
+    → backward, denoiser step → term.discriminator_step for every term
+
+Each model is stepped inside `accelerator.accumulate` of the denoiser (the discriminators follow its window with
+`no_sync`); EMA, logging and checkpoints stay in the script.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+
+from .disc_augment import DiffAugment
+from .latents import decode_latents, encode_moments, sample_latents
+from .objective import DenoisingObjective
+from .terms import AdversarialBatch, AdversarialTerm, SampleStreams
+from .training import BadStepCounter, step_if_finite
+
+
+class GuardedOptimizerStep:
+    """Clip, then step only on finite gradients: a bad step is skipped, counted per model and logged (see
+    [`~sadm.training.step_if_finite`] and [`~sadm.training.BadStepCounter`]).
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        max_grad_norm (`float`): clipping norm; 0 disables clipping.
+        bad_steps ([`~sadm.training.BadStepCounter`]): raises after `max_bad_steps` bad steps of one model in a row.
+    """
+
+    def __init__(self, accelerator: Accelerator, max_grad_norm: float, bad_steps: BadStepCounter):
+        self.accelerator, self.max_grad_norm, self.bad_steps = accelerator, max_grad_norm, bad_steps
+
+    def __call__(
+        self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr_scheduler=None
+    ) -> tuple[bool, torch.Tensor]:
+        finite, grad_norm = step_if_finite(self.accelerator, model, optimizer, self.max_grad_norm, lr_scheduler)
+        self.bad_steps.update(name, finite, step)  # raises after --max_bad_steps in a row
+        return finite, grad_norm
+
+
+class DenoiserTrainStep:
+    r"""The denoiser step plus the adversarial terms' discriminator steps on one micro-batch.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator (gradient accumulation, DDP).
+        model (`torch.nn.Module`): the (prepared) DiT.
+        optimizer (`torch.optim.Optimizer`): its optimizer.
+        lr_scheduler: its LR scheduler (stepped with every finite denoiser step).
+        objective ([`~sadm.objective.DenoisingObjective`]): noise, timesteps, L_DSM, x̂₀.
+        terms (`list[AdversarialTerm]`): the adversarial terms, in the order they are added and stepped.
+        optimizer_step ([`GuardedOptimizerStep`]): how every model is stepped.
+        vae (`AutoencoderKL`, *optional*): the frozen VAE of a latent model (batches of pixels are encoded with it).
+        decode_for_discriminators (`bool`, defaults to False): the discriminators see VAE-decoded x₀ and x̂₀ (the
+            decoder is frozen, gradients flow through it into x̂₀).
+        x0_clip (`float`, defaults to 0): clamp what the discriminators see to [−c, c]; 0 disables it.
+        seed (`int`, defaults to 0): seed of the per-sample streams.
+        per_sample_noise (`bool`, defaults to False): draw every sample's randomness from generators seeded by (seed,
+            sample key) (batches then carry `sample_keys`), so a run is the same on any process count or accumulation.
+        disc_augment ([`~sadm.disc_augment.DiffAugment`], *optional*): DiffAugment of what the discriminators see, one
+            draw per sample shared by real and fake (per-sample stream 4); each term applies it to its own view.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        objective: DenoisingObjective,
+        terms: list[AdversarialTerm],
+        optimizer_step: GuardedOptimizerStep,
+        vae: AutoencoderKL | None = None,
+        decode_for_discriminators: bool = False,
+        x0_clip: float = 0.0,
+        seed: int = 0,
+        per_sample_noise: bool = False,
+        disc_augment: DiffAugment | None = None,
+    ):
+        if decode_for_discriminators and vae is None:
+            raise ValueError("decode_for_discriminators needs the VAE whose decoder maps latents to pixels.")
+        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
+        self.objective, self.terms, self.optimizer_step = objective, terms, optimizer_step
+        self.vae, self.decode_for_discriminators, self.x0_clip = vae, decode_for_discriminators, x0_clip
+        self.seed, self.per_sample_noise, self.disc_augment = seed, per_sample_noise, disc_augment
+        self.stats: dict[str, torch.Tensor | float] = {}  # the latest value of every statistic, logged by the caller
+
+    def clean_samples(self, batch: dict) -> torch.Tensor:
+        """x₀ `[B, C, H, W]`: the pixels in [-1, 1], or a fresh posterior sample z₀ = s·(μ + σ·n) every step, from the
+        cached moments (`latent_moments`) or from the pixels encoded now."""
+        if self.vae is None:
+            return batch["pixel_values"]
+        moments = (
+            batch["latent_moments"] if "latent_moments" in batch else encode_moments(self.vae, batch["pixel_values"])
+        )
+        return sample_latents(moments, self.vae.config.scaling_factor)  # [B, c, h, w]
+
+    def discriminator_view(self, x0: torch.Tensor, x0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the discriminators compare: x₀ and x̂₀, decoded by the frozen VAE and clamped when asked."""
+        real, fake = x0, x0_hat
+        if self.decode_for_discriminators:  # through the frozen decoder, into x̂₀
+            with torch.no_grad():
+                real = decode_latents(self.vae, x0)
+            fake = decode_latents(self.vae, x0_hat)
+        if self.x0_clip > 0:
+            real, fake = real.clamp(-self.x0_clip, self.x0_clip), fake.clamp(-self.x0_clip, self.x0_clip)
+        return real, fake
+
+    def __call__(self, batch: dict, step: int) -> bool:
+        """Train on one micro-batch at global step `step`; returns whether the optimizers stepped (`sync_gradients`).
+        The statistics are in `self.stats` (detached tensors: no host sync)."""
+        accelerator, stats = self.accelerator, self.stats
+        x0 = self.clean_samples(batch)
+        keys = batch["sample_keys"] if self.per_sample_noise else None
+        streams = SampleStreams(self.seed, keys, x0.device)
+        noised = self.objective.noise(x0, batch["class_labels"], streams.get(0))
+
+        # ---- denoiser step: L_DSM (+ hybrid VLB) + Σ terms, discriminators frozen
+        with accelerator.accumulate(self.model):
+            output = self.model(noised.x_t, timestep=noised.timesteps, class_labels=noised.model_labels).sample
+            result = self.objective.loss(output, noised, return_x0=bool(self.terms))  # output [B, C or 2C, H, W]
+            loss = result.loss.mean()
+            stats["loss_dsm"] = result.loss.detach().mean()
+            adversarial = None
+            if self.terms:
+                real, fake = self.discriminator_view(x0, result.x0_hat)
+                adversarial = AdversarialBatch(
+                    noised,
+                    result,
+                    real,
+                    fake,
+                    self.objective.alphas_cumprod,
+                    step,
+                    streams=streams,
+                    augment=self.disc_augment,
+                )
+                for term in self.terms:  # draws both phases share, before any term's loss
+                    term.begin_step(adversarial)
+                for term in self.terms:
+                    term_loss, term_stats = term.generator_loss(adversarial)
+                    loss = loss + term_loss
+                    stats.update(term_stats)
+            stats["loss"] = loss.detach()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                _, stats["grad_norm"] = self.optimizer_step(
+                    "transformer", self.model, self.optimizer, step, self.lr_scheduler
+                )
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+
+        # ---- discriminator steps on the same batch, x̂₀ detached (no second denoiser forward). They follow the
+        # denoiser's accumulation window: one `accumulate` per micro-batch only (accelerate counts every call), so the
+        # discriminators skip the DDP all-reduce with `no_sync` and step exactly when the denoiser does.
+        sync = accelerator.sync_gradients
+        for term in self.terms:
+            stats.update(term.discriminator_step(adversarial, sync, self.optimizer_step))
+        return sync

@@ -1,0 +1,34 @@
+"""The frame both training scripts share (sadm/frame.py): tracker config, EMA swap, optimizer factory."""
+
+import pytest
+import torch
+
+from sadm.frame import ema_weights, make_adamw, tracker_config
+from sadm.structure import StructureConfig
+
+
+def test_tracker_config_flattens_configs_and_stringifies_none():
+    values = tracker_config({"seed": 3, "structure": object(), "x": None}, {"structure": StructureConfig()})
+    assert values["seed"] == 3 and "x" not in values and "structure" not in values
+    assert values["structure.renoise_offset"] == "None" and values["structure.weight"] == 0.0
+
+
+def test_ema_weights_swaps_in_the_average_and_back():
+    from diffusers.training_utils import EMAModel
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMAModel(model.parameters(), decay=0.0, use_ema_warmup=False)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ema.shadow_params = [torch.zeros_like(p) for p in model.parameters()]
+    with ema_weights(ema, model.parameters(), model) as net:
+        assert not net.training and all((p == 0).all() for p in net.parameters())
+    assert model.training and all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_make_adamw_implementations():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert make_adamw(params, 1e-3, (0.9, 0.99), 0.0, 1e-8, foreach=True).defaults["foreach"] is True
+    assert make_adamw(params, 1e-3, (0.9, 0.99), 0.0, 1e-8).defaults["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match="8-bit"):
+        make_adamw(params, 1e-3, (0.9, 0.99), 0.0, 1e-8, use_8bit=True, fused=True)
