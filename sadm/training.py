@@ -125,6 +125,12 @@ def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     v.add_argument(
         "--num_validation_images", type=int, default=20, help="Images per validation grid (cycling the classes)."
     )
+    v.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log scalars every N steps (the mean over those steps; one host sync per log).",
+    )
     return v
 
 

@@ -453,8 +453,8 @@ def main(args: argparse.Namespace) -> None:
     )
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
-    d_stats: list[dict[str, float]] = []  # per D micro-batch since the last generator step
-    g_stats: list[dict[str, float]] = []  # per G micro-batch of the current generator step
+    d_stats: list[dict[str, float]] = []  # per D micro-batch since the last log
+    g_stats: list[dict[str, float]] = []  # per G micro-batch since the last log
 
     def optimizer_step(name: str, model, optimizer, lr_scheduler) -> bool:
         """Clip, then step unless the gradient is non-finite (counted per model, stops after --max_bad_steps in a row)."""
@@ -489,6 +489,27 @@ def main(args: argparse.Namespace) -> None:
                 accelerator, evaluator, step, pipeline, write_best, {"generator": unwrapped_generator}
             )
         accelerator.wait_for_everyone()
+
+    def log_statistics(step: int) -> None:
+        """Log the means of the statistics gathered since the last log (the building blocks return detached 0-d
+        tensors; `mean` syncs them here, once per value and log)."""
+        logs = {
+            "g_loss": mean([s["g_adv_loss"] for s in g_stats]),
+            **{k: mean([s[k] for s in d_stats]) for k in MONITORS if k.startswith("d_")},
+            **diffusion.stats(),
+            "lr": g_lr_scheduler.get_last_lr()[0],
+            "disc_lr": d_lr_scheduler.get_last_lr()[0],
+            **bad_steps.stats(),
+        }
+        r1 = [s["r1"] for s in d_stats if not math.isnan(s["r1"])]
+        if r1:
+            logs["r1"] = mean(r1)
+        if ema is not None:
+            logs["ema_decay"] = ema.cur_decay_value
+        g_stats.clear()
+        d_stats.clear()
+        progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
+        accelerator.log(logs, step=step)
 
     # ---- loop
     generator.train()
@@ -543,24 +564,8 @@ def main(args: argparse.Namespace) -> None:
             if diffusion.num_updates // diffusion.ada_interval != num_adjustments:
                 num_adjustments = diffusion.num_updates // diffusion.ada_interval
                 t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
-            # the building blocks return detached 0-d tensors; `mean` syncs them here, once per logged value
-            logs = {
-                "g_loss": mean([s["g_adv_loss"] for s in g_stats]),
-                **{k: mean([s[k] for s in d_stats]) for k in MONITORS if k.startswith("d_")},
-                **diffusion.stats(),
-                "lr": g_lr_scheduler.get_last_lr()[0],
-                "disc_lr": d_lr_scheduler.get_last_lr()[0],
-                **bad_steps.stats(),
-            }
-            r1 = [s["r1"] for s in d_stats if not math.isnan(s["r1"])]
-            if r1:
-                logs["r1"] = mean(r1)
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            g_stats.clear()
-            d_stats.clear()
-            progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
-            accelerator.log(logs, step=global_step)
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                log_statistics(global_step)
 
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})

@@ -186,7 +186,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     v = add_validation_args(parser)
     v.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale for validation images.")
     v.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps for validation images.")
-    v.add_argument("--logging_steps", type=int, default=10, help="Log scalars (one host sync) every N steps.")
     add_eval_args(parser, diffusion_sampling=True)
     # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
