@@ -840,7 +840,7 @@ def main(
                             else stats[n].float().cpu()
                             for n in names
                         ]
-                    ).tolist()  # noqa: E501
+                    ).tolist()
                     logs = dict(zip(names, values), lr=lr_scheduler.get_last_lr()[0], **bad_steps.stats())
                     if ema is not None:
                         logs["ema_decay"] = ema.cur_decay_value
