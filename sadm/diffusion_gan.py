@@ -126,6 +126,25 @@ class DiffusionGANConfig:
         default=250,
         metadata={"help": "DiT trainer: denoiser timesteps t < this feed the term under 'threshold' (ours)."},
     )
+    start_step: int = field(
+        default=0,
+        metadata={
+            "help": "DiT trainer: λ_adv is 0 before this global step (the discriminator still trains), then ramps "
+            "up over warmup_steps. Unused by the one-step GAN."
+        },
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata={"help": "DiT trainer: steps of linear warm-up of λ_adv after start_step (0 = none)."},
+    )
+    grad_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "DiT trainer: adaptive λ_adv (diffusers' VQGAN rule): each step λ_adv = min(weight, grad_ratio · "
+            "‖∇L_DSM‖ / ‖∇L_adv‖), both gradients at the denoiser's output, so `weight` is the cap. None: λ_adv = "
+            "weight. Unused by the one-step GAN."
+        },
+    )
 
     def __post_init__(self):
         if self.preset not in DIFFUSION_GAN_PRESETS:
@@ -173,6 +192,10 @@ class DiffusionGANConfig:
             )
         if self.t_threshold < 1:
             raise ValueError(f"t_threshold={self.t_threshold} must be >= 1 (0 would switch the term off).")
+        if self.start_step < 0 or self.warmup_steps < 0:
+            raise ValueError(f"start_step={self.start_step} and warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.grad_ratio is not None and self.grad_ratio <= 0:
+            raise ValueError(f"grad_ratio={self.grad_ratio} must be None or > 0.")
 
 
 def max_p_change(batch: int, d_steps: int, ada_kimg: float) -> float:

@@ -42,6 +42,7 @@ from sadm.losses.structure import (
     structure_loss,
     timestep_weights,
 )
+from sadm.term_weights import gradient_ratio_weight, ramped_weight
 
 
 @dataclass
@@ -306,13 +307,9 @@ class StructureConfig:
 def structure_weight_at(step: int, config: StructureConfig) -> float:
     """
     λ at a global step: `config.weight * min(1, step / config.warmup_steps)` (0 at step 0), or `config.weight` when
-    `config.warmup_steps == 0`.
+    `config.warmup_steps == 0` (see [`~sadm.term_weights.ramped_weight`]).
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
-    if config.warmup_steps == 0:
-        return config.weight
-    return config.weight * min(1.0, step / config.warmup_steps)
+    return ramped_weight(step, config.weight, config.warmup_steps)
 
 
 # adaptive λ from the ratio of gradient norms at the denoiser's output (Esser et al. 2021, eq. 7; diffusers' VQGAN example)
@@ -324,12 +321,7 @@ def adaptive_structure_weight(
     sync): the structure term then pushes the denoiser's output with `grad_ratio` times the strength of the denoising
     loss. `loss_dsm` and `loss_struct` are the scalars of this micro-batch, `output` the model output they depend on.
     """
-    (grad_dsm,) = torch.autograd.grad(loss_dsm, output, retain_graph=True)
-    (grad_struct,) = torch.autograd.grad(loss_struct, output, retain_graph=True, allow_unused=True)
-    if grad_struct is None:  # no active row in this batch
-        return torch.zeros((), device=output.device)
-    ratio = config.grad_ratio * grad_dsm.norm() / (grad_struct.norm() + 1e-12)
-    return ratio.clamp(max=config.weight).detach()
+    return gradient_ratio_weight(loss_dsm, loss_struct, output, config.grad_ratio, config.weight)[0]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

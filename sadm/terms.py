@@ -39,13 +39,13 @@ from .objective import DenoisingResult, NoisedBatch
 from .structure import (
     StructureConfig,
     StructureInputs,
-    adaptive_structure_weight,
     all_gather_with_grad,
     structure_denoiser_loss,
     structure_discriminator_loss,
     structure_inputs,
     structure_weight_at,
 )
+from .term_weights import gradient_ratio_weight, ramped_weight
 from .training import register_state_hooks, sample_generators
 
 # (model name, model, optimizer, global step, LR scheduler) -> (finite, gradient norm): clip, step if finite, count
@@ -231,12 +231,13 @@ class StructureTerm(AdversarialTerm):
             frozen, self.inputs, cfg, self._labels(batch), self.gather, self.accelerator.process_index
         )
         lam = structure_weight_at(batch.step, cfg)  # λ, warm-up included
+        stats = {"loss_struct": loss_struct.detach().mean()}
         if cfg.grad_ratio is not None:  # warm-up share of the gradient-norm λ (capped by weight)
-            ratio_lam = adaptive_structure_weight(
-                batch.result.loss.mean(), loss_struct.mean(), batch.result.output, cfg
+            ratio_lam, stats["struct_grad_ratio"] = gradient_ratio_weight(
+                batch.result.loss.mean(), loss_struct.mean(), batch.result.output, cfg.grad_ratio, cfg.weight
             )
             lam = lam / cfg.weight * ratio_lam
-        stats = {"loss_struct": loss_struct.detach().mean(), "struct_lambda": lam}
+        stats["struct_lambda"] = lam
         stats.update(
             {f"{k}_fake_side" if k == "loss_struct" else k: v for k, v in s_stats.items() if k != "loss_struct"}
         )
@@ -269,19 +270,20 @@ class StructureTerm(AdversarialTerm):
 
 @register_adversarial_term
 class DiffusionGANTerm(AdversarialTerm):
-    r"""The Diffusion-GAN term (arXiv 2206.02262) on x̂₀: λ_adv·mean_i w(t_i)·L_G(D(y(x̂₀_i), τ_i)) for the denoiser,
-    the timestep discriminator D trained on diffused x₀ vs x̂₀ (+ lazy R1), and `AdaptiveDiffusion.update` on the
-    gathered real logits of every finite discriminator step (r_d → p → T).
+    r"""The Diffusion-GAN term (arXiv 2206.02262) on x̂₀: λ_adv·mean_i w(t_i)·L_G(D(y(x̂₀_i), τ_i)) for the denoiser
+    (λ_adv after `config.start_step`, warm-up and the optional gradient-norm rule, `sadm.term_weights`),
+        the timestep discriminator D trained on diffused x₀ vs x̂₀ (+ lazy R1), and `AdaptiveDiffusion.update` on the
+        gathered real logits of every finite discriminator step (r_d → p → T).
 
-    w(t) is the gate `config.timestep_weighting` / `config.t_threshold` on the denoiser's timesteps (x̂₀ is a blurry
-    posterior mean at high noise).
+        w(t) is the gate `config.timestep_weighting` / `config.t_threshold` on the denoiser's timesteps (x̂₀ is a blurry
+        posterior mean at high noise).
 
-    Args:
-        config ([`~sadm.diffusion_gan.DiffusionGANConfig`]): the options (λ_adv, preset, loss, R1, the gate).
-        discriminator ([`~sadm.models.timestep_discriminator.TimestepDiscriminator`]): D(y, t[, class]).
-        optimizer (`torch.optim.Optimizer`): D's optimizer.
-        accelerator (`accelerate.Accelerator`): the run's accelerator.
-        diffusion ([`~sadm.diffusion_augment.AdaptiveDiffusion`]): the adaptive forward diffusion, on the device.
+        Args:
+            config ([`~sadm.diffusion_gan.DiffusionGANConfig`]): the options (λ_adv, preset, loss, R1, the gate).
+            discriminator ([`~sadm.models.timestep_discriminator.TimestepDiscriminator`]): D(y, t[, class]).
+            optimizer (`torch.optim.Optimizer`): D's optimizer.
+            accelerator (`accelerate.Accelerator`): the run's accelerator.
+            diffusion ([`~sadm.diffusion_augment.AdaptiveDiffusion`]): the adaptive forward diffusion, on the device.
     """
 
     name = "diffusion_gan"
@@ -320,8 +322,16 @@ class DiffusionGANTerm(AdversarialTerm):
         loss_g, g_stats = diffusion_gan_generator_loss(
             frozen, self.diffusion, self.view[1], batch.noised.labels, cfg, batch.generators(1)
         )
-        weighted = loss_g * self.weights  # [B]
-        return cfg.weight * weighted.mean(), {"loss_gan_g": weighted.detach().mean(), **g_stats}
+        loss_adv = (loss_g * self.weights).mean()
+        stats = {"loss_gan_g": loss_adv.detach(), **g_stats}
+        lam = ramped_weight(batch.step, cfg.weight, cfg.warmup_steps, cfg.start_step)  # start step and warm-up
+        if cfg.grad_ratio is not None and lam > 0:  # that share of the gradient-norm λ_adv (capped by weight)
+            ratio_lam, stats["gan_grad_ratio"] = gradient_ratio_weight(
+                batch.result.loss.mean(), loss_adv, batch.result.output, cfg.grad_ratio, cfg.weight
+            )
+            lam = lam / cfg.weight * ratio_lam
+        stats["gan_lambda"] = lam
+        return lam * loss_adv, stats
 
     def discriminator_step(
         self, batch: AdversarialBatch, sync: bool, optimizer_step: OptimizerStep

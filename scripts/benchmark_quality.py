@@ -87,6 +87,14 @@ ARMS.update({
     "ft_gan_dit": ("train_sadm.py", [*FINETUNE, "--structure_loss_weight", "0", "--gan_loss_weight", "0.01", *DIT_TRUNK]),
     "ft_sadm_mmd_dit": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *DIT_TRUNK]),
 })  # fmt: skip
+# Issue 14 item 4, pre-registered in docs/BENCHMARKS.md: λ_adv of the fine-tuning GAN term from the gradient-norm rule
+# (the term's gradient at the denoiser's output = 0.1x resp. 0.3x the denoising loss's, λ_adv capped at 1), ramped in
+# over the first 100 steps as the structure term is; the conv D and everything else as `ft_gan_term`.
+GAN_RATIO = ["--structure_loss_weight", "0", "--gan_loss_weight", "1", "--gan_warmup_steps", "100"]
+ARMS.update({
+    "ft_gan_r01": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.1"]),
+    "ft_gan_r03": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.3"]),
+})  # fmt: skip
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
 # --max_train_steps for 0.5-2 Mimg (batch 32: 15,625-62,500 steps); ada_kimg stays the paper's 100, which p can

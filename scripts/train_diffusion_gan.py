@@ -93,7 +93,14 @@ T_HISTORY_NAME = "T_history.json"
 # --diffusion_gan_<field> for every DiffusionGANConfig field but these (`weight` is the DiT trainer's λ_adv)
 DIFFUSION_GAN_PREFIX = "diffusion_gan_"
 DIFFUSION_GAN_RENAME = {"mode": "diffusion"}
-DIFFUSION_GAN_SKIP = ("weight", "timestep_weighting", "t_threshold")  # the DiT trainer's λ_adv and its gate
+DIFFUSION_GAN_SKIP = (  # the DiT trainer's λ_adv, its gate and its schedule
+    "weight",
+    "timestep_weighting",
+    "t_threshold",
+    "start_step",
+    "warmup_steps",
+    "grad_ratio",
+)
 # warn when the whole run cannot move p by more than this (the diffusion would stay near T_min throughout)
 MIN_P_CHANGE = 0.1
 MONITORS = ("g_loss", "d_loss", "r_d", "p", "T", "d_real_acc", "d_fake_acc", "d_real_logit_mean", "d_fake_logit_mean")

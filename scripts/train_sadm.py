@@ -379,6 +379,9 @@ GAN_FLAGS = {
     "weight": "gan_loss_weight",
     "timestep_weighting": "gan_timestep_weighting",
     "t_threshold": "gan_t_threshold",
+    "start_step": "gan_start_step",
+    "warmup_steps": "gan_warmup_steps",
+    "grad_ratio": "gan_grad_ratio",
 }
 # default LR of a new label table: the pretrained rows' spread / 100 (docs/FINETUNING.md: at the weights' LR the new
 # classes were not learned in 400 steps; at spread / 100 they were, in full, LoRA and DiffFit tuning, 3 seeds each)
