@@ -95,6 +95,14 @@ ARMS.update({
     "ft_gan_r01": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.1"]),
     "ft_gan_r03": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.3"]),
 })  # fmt: skip
+# The random-stream control (pre-registered in docs/BENCHMARKS.md): with --per_sample_noise every sample's t and ε come
+# from its own generator, so a term that draws noise of its own no longer changes what the denoiser sees.
+PSN = ["--per_sample_noise"]
+ARMS.update({
+    "ft_dsm_psn": ("train_sadm.py", [*ARMS["ft_dsm"][1], *PSN]),
+    "ft_gan_term_psn": ("train_sadm.py", [*ARMS["ft_gan_term"][1], *PSN]),
+    "ft_sadm_mmd_psn": ("train_sadm.py", [*ARMS["ft_sadm_mmd"][1], *PSN]),
+})  # fmt: skip
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
 # --max_train_steps for 0.5-2 Mimg (batch 32: 15,625-62,500 steps); ada_kimg stays the paper's 100, which p can
