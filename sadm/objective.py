@@ -24,6 +24,7 @@ from .losses.denoising import PARAMETERIZATIONS
 from .training import draw_timesteps, draw_uniform
 
 PREDICTION_TYPES = tuple(PARAMETERIZATIONS)
+TIMESTEP_BUCKETS = 4  # the denoising loss is also logged per quarter of the timesteps (`loss_dsm_t<lo>-<hi>`)
 
 
 @dataclass
@@ -151,3 +152,16 @@ class DenoisingObjective:
             loss = loss + loss_vlb * (self.num_train_timesteps * self.vlb_weight)
         x0_hat = self.predict_x0(prediction, noised) if return_x0 else None
         return DenoisingResult(loss=loss, output=output, prediction=prediction, x0_hat=x0_hat)
+
+    def loss_by_timestep_bucket(
+        self, loss: torch.Tensor, timesteps: torch.Tensor, buckets: int = TIMESTEP_BUCKETS
+    ) -> dict[str, torch.Tensor]:
+        """The mean of the per-sample `loss` `[B]` over each of `buckets` equal ranges of t, as detached 0-d tensors
+        named `loss_dsm_t<lo>-<hi>` (NaN for a range with no sample in this micro-batch); no host sync."""
+        loss = loss.detach().float()
+        index = (timesteps * buckets // self.num_train_timesteps).clamp(max=buckets - 1)  # [B]
+        sums = torch.zeros(buckets, device=loss.device).index_add_(0, index, loss)
+        counts = torch.zeros(buckets, device=loss.device).index_add_(0, index, torch.ones_like(loss))
+        means = sums / counts  # 0/0 = NaN where empty
+        width = self.num_train_timesteps // buckets
+        return {f"loss_dsm_t{i * width}-{(i + 1) * width - 1}": means[i] for i in range(buckets)}

@@ -128,6 +128,7 @@ class DenoiserTrainStep:
             result = self.objective.loss(output, noised, return_x0=bool(self.terms))  # output [B, C or 2C, H, W]
             loss = result.loss.mean()
             stats["loss_dsm"] = result.loss.detach().mean()
+            stats.update(self.objective.loss_by_timestep_bucket(result.loss, noised.timesteps))
             adversarial = None
             if self.terms:
                 real, fake = self.discriminator_view(x0, result.x0_hat)

@@ -131,10 +131,17 @@ class AdversarialTerm:
             optimizer,
             accelerator,
         )
+        self.lr_scheduler = None  # set by `prepare`
 
-    def prepare(self) -> None:
-        """`accelerator.prepare` the discriminator and its optimizer (and register any extra checkpoint state)."""
-        self.discriminator, self.optimizer = self.accelerator.prepare(self.discriminator, self.optimizer)
+    def prepare(self, lr_scheduler=None) -> None:
+        """`accelerate.prepare` the discriminator, its optimizer and its optional LR scheduler (stepped with every
+        finite discriminator step; its state goes into the checkpoints), and register any extra checkpoint state."""
+        if lr_scheduler is None:
+            self.discriminator, self.optimizer = self.accelerator.prepare(self.discriminator, self.optimizer)
+        else:
+            self.discriminator, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                self.discriminator, self.optimizer, lr_scheduler
+            )
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -261,7 +268,7 @@ class StructureTerm(AdversarialTerm):
                 self.accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
             if sync:
                 _, stats["struct_disc_grad_norm"] = optimizer_step(
-                    self.model_name, self.discriminator, self.optimizer, batch.step
+                    self.model_name, self.discriminator, self.optimizer, batch.step, self.lr_scheduler
                 )
             stats["loss_struct_disc"] = loss_d.detach().mean()
             stats.update({f"disc_{k}": v for k, v in d_stats.items()})
@@ -306,8 +313,8 @@ class DiffusionGANTerm(AdversarialTerm):
         self.view: tuple[torch.Tensor, torch.Tensor] | None = None  # D's (real, fake) of this micro-batch (augmented)
         self.last_r1: torch.Tensor | None = None
 
-    def prepare(self) -> None:
-        super().prepare()
+    def prepare(self, lr_scheduler=None) -> None:
+        super().prepare(lr_scheduler)
         register_state_hooks(self.accelerator, {self.state_name: self.diffusion})
 
     def begin_step(self, batch: AdversarialBatch) -> None:
@@ -355,7 +362,7 @@ class DiffusionGANTerm(AdversarialTerm):
             self.pending_real_logits.append(accelerator.gather(real_logits))
             if sync:
                 finite, stats["gan_disc_grad_norm"] = optimizer_step(
-                    self.model_name, self.discriminator, self.optimizer, batch.step
+                    self.model_name, self.discriminator, self.optimizer, batch.step, self.lr_scheduler
                 )
                 self.d_step += 1
                 if finite:  # r_d of a skipped step measures nothing the next step starts from

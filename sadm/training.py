@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 
 logger = logging.getLogger(__name__)
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_STATE_NAME = "train_state.json"
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -64,7 +65,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         "--lr_scheduler",
         type=str,
         default="constant_with_warmup",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        choices=LR_SCHEDULERS,
         help="diffusers' get_scheduler name.",
     )
     g.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up optimizer steps.")

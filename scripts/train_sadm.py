@@ -85,6 +85,7 @@ from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
 from sadm.training import (
+    LR_SCHEDULERS,
     BadStepCounter,
     HelpFormatter,
     adamw_from_flags,
@@ -214,6 +215,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--disc_adam_beta2", type=float, default=0.999, help="Discriminators' Adam β2.")
     d.add_argument("--disc_adam_weight_decay", type=float, default=0.0, help="Discriminators' weight decay.")
     d.add_argument("--disc_adam_epsilon", type=float, default=1e-8, help="Discriminators' Adam ε.")
+    d.add_argument(
+        "--disc_lr_scheduler",
+        type=str,
+        default=None,
+        choices=LR_SCHEDULERS,
+        help="diffusers' get_scheduler name for the discriminators' LR, stepped with every finite "
+        "discriminator step (None: a constant LR, and no scheduler state in the checkpoints).",
+    )
+    d.add_argument(
+        "--disc_lr_warmup_steps", type=int, default=0, help="Warm-up discriminator steps of --disc_lr_scheduler."
+    )
     # Diffusion-GAN term: DiffusionGANConfig fields as --diffusion_gan_* flags (λ_adv is --gan_loss_weight)
     add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", GAN_FLAGS)
     d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected", "dit"],
@@ -295,6 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--disc_pretrained_path warm-starts a StructureDiscriminator; it is not read with --disc_backbone dit."
         )
+    if args.disc_lr_warmup_steps < 0:
+        parser.error(f"--disc_lr_warmup_steps must be >= 0, got {args.disc_lr_warmup_steps}")
+    if args.disc_lr_warmup_steps > 0 and args.disc_lr_scheduler is None:
+        parser.error("--disc_lr_warmup_steps needs --disc_lr_scheduler (e.g. constant_with_warmup).")
     ratios = (run.structure.disc_update_ratio, run.diffusion_gan.disc_update_ratio)
     if args.gradient_accumulation_steps > 1 and max(ratios) > 1:
         parser.error(
@@ -732,7 +748,15 @@ def main(
         model, optimizer, train_dataloader, lr_scheduler
     )
     for term in terms:
-        term.prepare()
+        disc_lr_scheduler = None
+        if args.disc_lr_scheduler is not None:  # per discriminator step (accelerate steps it once per process)
+            disc_lr_scheduler = get_scheduler(
+                args.disc_lr_scheduler,
+                optimizer=term.optimizer,
+                num_warmup_steps=args.disc_lr_warmup_steps * accelerator.num_processes,
+                num_training_steps=max_train_steps * term.config.disc_update_ratio * accelerator.num_processes,
+            )
+        term.prepare(disc_lr_scheduler)
     register_model_hooks(
         accelerator,
         ["transformer", *(term.model_name for term in terms)],

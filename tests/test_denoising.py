@@ -6,6 +6,7 @@ from diffusers import DDPMScheduler
 
 from sadm.losses import denoising_loss, predict_x0, training_target, vlb_loss
 from sadm.models.dit import DIT_PRESETS, build_dit
+from sadm.objective import DenoisingObjective
 
 
 @pytest.fixture
@@ -137,3 +138,16 @@ def test_one_training_step_changes_every_parameter(scheduler):
     optimizer.step()
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged
+
+
+def test_the_denoising_loss_per_timestep_bucket_is_the_mean_of_each_quarter():
+    objective = DenoisingObjective(DDPMScheduler(num_train_timesteps=1000), "epsilon", channels=1)
+    loss = torch.tensor([1.0, 3.0, 10.0, 7.0, 5.0])
+    timesteps = torch.tensor([0, 249, 250, 999, 600])
+    stats = objective.loss_by_timestep_bucket(loss, timesteps)
+    assert list(stats) == ["loss_dsm_t0-249", "loss_dsm_t250-499", "loss_dsm_t500-749", "loss_dsm_t750-999"]
+    assert stats["loss_dsm_t0-249"] == 2.0 and stats["loss_dsm_t250-499"] == 10.0
+    assert stats["loss_dsm_t500-749"] == 5.0 and stats["loss_dsm_t750-999"] == 7.0
+    empty = objective.loss_by_timestep_bucket(loss[:2], timesteps[:2])
+    assert math.isnan(empty["loss_dsm_t750-999"])  # no sample in that range this micro-batch
+

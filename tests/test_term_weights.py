@@ -77,3 +77,24 @@ def test_the_gan_term_adds_nothing_before_its_start_step_and_scales_by_the_gradi
     assert 0 < lam <= 10.0 and ratio > 0
     assert lam == pytest.approx(min(10.0, 0.2 / ratio.item()), rel=1e-5)
     assert stats["loss"] - stats["loss_dsm"] == pytest.approx((lam * stats["loss_gan_g"]).item(), abs=1e-5)
+
+
+def test_a_discriminator_lr_scheduler_steps_with_each_discriminator_step(accelerator):
+    from diffusers.optimization import get_scheduler
+
+    from sadm.step import DenoiserTrainStep
+
+    struct_cfg = StructureConfig(weight=0.1, warmup_steps=0, t_threshold=1000)
+    gan_cfg = DiffusionGANConfig(weight=0.1, timestep_weighting="none")
+    step, _ = make_step(accelerator, struct_cfg, gan_cfg)
+    assert isinstance(step, DenoiserTrainStep)
+    term = step.terms[1]
+    term.optimizer = torch.optim.AdamW(term.unwrapped.parameters(), lr=1e-3)  # a fresh one, prepared with a schedule
+    term.prepare(get_scheduler("linear", optimizer=term.optimizer, num_warmup_steps=2, num_training_steps=10))
+    lrs = []
+    for i in range(3):
+        step(batch(), i)
+        lrs.append(term.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 7 / 8])  # warm-up 1/2, 2/2, then linear decay over 8 steps
+    assert step.terms[0].lr_scheduler is None  # the other term keeps its constant LR
+
