@@ -132,6 +132,7 @@ class AdversarialTerm:
             accelerator,
         )
         self.lr_scheduler = None  # set by `prepare`
+        self.window: list = []  # records of the open accumulation window (ratio > 1 with accumulation only)
 
     def prepare(self, lr_scheduler=None) -> None:
         """`accelerate.prepare` the discriminator, its optimizer and its optional LR scheduler (stepped with every
@@ -155,11 +156,48 @@ class AdversarialTerm:
         """The weighted scalar added to the denoiser's loss, with its discriminator frozen, and named statistics."""
         raise NotImplementedError
 
+    def discriminator_record(self, batch: AdversarialBatch):
+        """What one discriminator pass needs of this micro-batch, detached from the denoiser's graph."""
+        raise NotImplementedError
+
+    def discriminator_pass(self, record) -> dict[str, torch.Tensor | float]:
+        """Forward and `accelerator.backward` of the discriminator's loss on one record; returns statistics."""
+        raise NotImplementedError
+
+    def after_discriminator_step(self, finite: bool, grad_norm: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """Called after each optimizer step of the discriminator (skipped or not); returns statistics."""
+        return {}
+
     def discriminator_step(
         self, batch: AdversarialBatch, sync: bool, optimizer_step: OptimizerStep
     ) -> dict[str, torch.Tensor | float]:
-        """Train the discriminator on the batch with x̂₀ detached; step its optimizer when `sync`."""
-        raise NotImplementedError
+        """Train the discriminator on the batch with x̂₀ detached: `config.disc_update_ratio` optimizer steps per
+        denoiser step, each over the denoiser's whole accumulation window.
+
+        Without accumulation (or at ratio 1) each micro-batch's passes run now and the optimizer steps when `sync`.
+        With accumulation and ratio > 1 the micro-batches' records are kept until the window closes, then every one of
+        the ratio steps accumulates over all of them (DDP's all-reduce on the last only), so ratio k with accumulation
+        A equals ratio k on the A-times larger batch.
+        """
+        self.unwrapped.requires_grad_(True)
+        record = self.discriminator_record(batch)
+        records = [record]
+        if self.config.disc_update_ratio > 1 and self.accelerator.gradient_accumulation_steps > 1:
+            self.window.append(record)
+            if not sync:
+                return {}
+            records, self.window = self.window, []
+        stats: dict[str, torch.Tensor | float] = {}
+        for _ in range(self.config.disc_update_ratio):
+            for i, rec in enumerate(records):
+                with self._accumulating(sync and i == len(records) - 1):
+                    stats.update(self.discriminator_pass(rec))
+            if sync:
+                finite, grad_norm = optimizer_step(
+                    self.model_name, self.discriminator, self.optimizer, batch.step, self.lr_scheduler
+                )
+                stats.update(self.after_discriminator_step(finite, grad_norm))
+        return stats
 
     def state_dict(self) -> dict:
         """JSON-serialisable state for `train_state.json` (model and optimizer states go through accelerate)."""
@@ -250,29 +288,19 @@ class StructureTerm(AdversarialTerm):
         )
         return lam * loss_struct.mean(), stats
 
-    def discriminator_step(
-        self, batch: AdversarialBatch, sync: bool, optimizer_step: OptimizerStep
-    ) -> dict[str, torch.Tensor | float]:
-        self.unwrapped.requires_grad_(True)
-        stats: dict[str, torch.Tensor | float] = {}
-        for _ in range(self.config.disc_update_ratio):
-            with self._accumulating(sync):
-                loss_d, d_stats = structure_discriminator_loss(
-                    self.discriminator,
-                    self.inputs,
-                    self.config,
-                    self._labels(batch),
-                    self.gather,
-                    self.accelerator.process_index,
-                )
-                self.accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
-            if sync:
-                _, stats["struct_disc_grad_norm"] = optimizer_step(
-                    self.model_name, self.discriminator, self.optimizer, batch.step, self.lr_scheduler
-                )
-            stats["loss_struct_disc"] = loss_d.detach().mean()
-            stats.update({f"disc_{k}": v for k, v in d_stats.items()})
-        return stats
+    def discriminator_record(self, batch: AdversarialBatch) -> tuple[StructureInputs, torch.Tensor | None]:
+        return self.inputs.detach(), self._labels(batch)
+
+    def discriminator_pass(self, record) -> dict[str, torch.Tensor | float]:
+        inputs, labels = record
+        loss_d, d_stats = structure_discriminator_loss(
+            self.discriminator, inputs, self.config, labels, self.gather, self.accelerator.process_index
+        )
+        self.accelerator.backward(loss_d.mean())  # divided by the accumulation steps, like the denoiser's
+        return {"loss_struct_disc": loss_d.detach().mean(), **{f"disc_{k}": v for k, v in d_stats.items()}}
+
+    def after_discriminator_step(self, finite: bool, grad_norm: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        return {"struct_disc_grad_norm": grad_norm}
 
 
 @register_adversarial_term
@@ -340,41 +368,29 @@ class DiffusionGANTerm(AdversarialTerm):
         stats["gan_lambda"] = lam
         return lam * loss_adv, stats
 
-    def discriminator_step(
-        self, batch: AdversarialBatch, sync: bool, optimizer_step: OptimizerStep
-    ) -> dict[str, torch.Tensor | float]:
-        cfg, accelerator = self.config, self.accelerator
-        self.unwrapped.requires_grad_(True)
-        stats: dict[str, torch.Tensor | float] = {}
-        for _ in range(cfg.disc_update_ratio):
-            with self._accumulating(sync):
-                loss_d, gd_stats, real_logits = diffusion_gan_discriminator_loss(
-                    self.discriminator,
-                    self.diffusion,
-                    self.view[0],
-                    self.view[1].detach(),
-                    batch.noised.labels,
-                    cfg,
-                    self.d_step,
-                    batch.generators(2),
-                )
-                accelerator.backward((loss_d * self.weights).mean())
-            self.pending_real_logits.append(accelerator.gather(real_logits))
-            if sync:
-                finite, stats["gan_disc_grad_norm"] = optimizer_step(
-                    self.model_name, self.discriminator, self.optimizer, batch.step, self.lr_scheduler
-                )
-                self.d_step += 1
-                if finite:  # r_d of a skipped step measures nothing the next step starts from
-                    self.diffusion.update(torch.cat(self.pending_real_logits))  # once per D step, global batch
-                self.pending_real_logits.clear()
-            r1 = gd_stats.pop("r1")  # NaN on D steps without the lazy R1: log the last computed value
-            stats.update(gd_stats)
-            if cfg.r1_gamma > 0:
-                self.last_r1 = r1 if self.last_r1 is None else torch.where(r1.isnan(), self.last_r1, r1)
-                stats["r1"] = self.last_r1
-        stats.update({f"ada_{k}": v for k, v in self.diffusion.stats().items()})
+    def discriminator_record(self, batch: AdversarialBatch):
+        real, fake = self.view
+        return real, fake.detach(), batch.noised.labels, self.weights, batch.generators(2)
+
+    def discriminator_pass(self, record) -> dict[str, torch.Tensor | float]:
+        real, fake, labels, weights, generators = record
+        loss_d, stats, real_logits = diffusion_gan_discriminator_loss(
+            self.discriminator, self.diffusion, real, fake, labels, self.config, self.d_step, generators
+        )
+        self.accelerator.backward((loss_d * weights).mean())
+        self.pending_real_logits.append(self.accelerator.gather(real_logits))
+        r1 = stats.pop("r1")  # NaN on D steps without the lazy R1: log the last computed value
+        if self.config.r1_gamma > 0:
+            self.last_r1 = r1 if self.last_r1 is None else torch.where(r1.isnan(), self.last_r1, r1)
+            stats["r1"] = self.last_r1
         return stats
+
+    def after_discriminator_step(self, finite: bool, grad_norm: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        self.d_step += 1
+        if finite:  # r_d of a skipped step measures nothing the next step starts from
+            self.diffusion.update(torch.cat(self.pending_real_logits))  # once per D step, global batch
+        self.pending_real_logits.clear()
+        return {"gan_disc_grad_norm": grad_norm, **{f"ada_{k}": v for k, v in self.diffusion.stats().items()}}
 
     def state_dict(self) -> dict:
         return {"d_step": self.d_step}

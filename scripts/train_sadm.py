@@ -311,11 +311,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--disc_lr_warmup_steps must be >= 0, got {args.disc_lr_warmup_steps}")
     if args.disc_lr_warmup_steps > 0 and args.disc_lr_scheduler is None:
         parser.error("--disc_lr_warmup_steps needs --disc_lr_scheduler (e.g. constant_with_warmup).")
-    ratios = (run.structure.disc_update_ratio, run.diffusion_gan.disc_update_ratio)
-    if args.gradient_accumulation_steps > 1 and max(ratios) > 1:
-        parser.error(
-            "--disc_update_ratio > 1 needs --gradient_accumulation_steps 1 (each extra step reuses the micro-batch)."
-        )
     if run.structure.weight > 0 and run.structure.scope == "local" and args.train_batch_size < 2:
         parser.error(
             "--structure_loss_weight > 0 needs --train_batch_size >= 2 (relations need pairs) or --structure_scope global."

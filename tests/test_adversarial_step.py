@@ -174,3 +174,26 @@ def test_structure_term_is_zero_for_a_perfect_denoiser():
         StructureConfig(warmup_steps=0),
     )
     assert loss.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_discriminator_steps_over_an_accumulation_window_equal_those_on_the_whole_batch(ratio):
+    """disc_update_ratio k with 2 micro-batches of 3 == k on one batch of 6, for the timestep discriminator (the
+    structure term's relations are taken within a micro-batch by design: tests/test_distributed.py)."""
+    struct_cfg = StructureConfig(weight=0.1, warmup_steps=0, t_threshold=1000, disc_update_ratio=ratio)
+    gan_cfg = DiffusionGANConfig(weight=0.1, timestep_weighting="none", r1_interval=1, disc_update_ratio=ratio)
+    whole, parts = batch(), []
+    for half in (slice(0, 3), slice(3, 6)):
+        parts.append({k: v[half] for k, v in whole.items()})
+    results = []
+    for accumulation, micro_batches in ((1, [whole]), (2, parts)):
+        AcceleratorState._reset_state(True)
+        step, _ = make_step(Accelerator(cpu=True, gradient_accumulation_steps=accumulation), struct_cfg, gan_cfg)
+        synced = [step(micro, 0) for micro in micro_batches]
+        assert synced[-1] and not any(synced[:-1])
+        gan = step.terms[1]
+        assert gan.d_step == ratio and gan.diffusion.num_updates == ratio and not gan.window
+        results.append(snapshot(gan.unwrapped))
+    AcceleratorState._reset_state(True)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=2e-6, rtol=1e-5, msg=name)

@@ -150,4 +150,3 @@ def test_the_denoising_loss_per_timestep_bucket_is_the_mean_of_each_quarter():
     assert stats["loss_dsm_t500-749"] == 5.0 and stats["loss_dsm_t750-999"] == 7.0
     empty = objective.loss_by_timestep_bucket(loss[:2], timesteps[:2])
     assert math.isnan(empty["loss_dsm_t750-999"])  # no sample in that range this micro-batch
-

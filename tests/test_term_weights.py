@@ -97,4 +97,3 @@ def test_a_discriminator_lr_scheduler_steps_with_each_discriminator_step(acceler
         lrs.append(term.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 7 / 8])  # warm-up 1/2, 2/2, then linear decay over 8 steps
     assert step.terms[0].lr_scheduler is None  # the other term keeps its constant LR
-
