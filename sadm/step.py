@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL
 from .disc_augment import DiffAugment
 from .latents import decode_latents, encode_moments, sample_latents
 from .objective import DenoisingObjective
+from .term_weights import gradient_norm_ratio
 from .terms import AdversarialBatch, AdversarialTerm, SampleStreams
 from .training import BadStepCounter, step_if_finite
 
@@ -66,6 +67,9 @@ class DenoiserTrainStep:
             sample key) (batches then carry `sample_keys`), so a run is the same on any process count or accumulation.
         disc_augment ([`~sadm.disc_augment.DiffAugment`], *optional*): DiffAugment of what the discriminators see, one
             draw per sample shared by real and fake (per-sample stream 4); each term applies it to its own view.
+        grad_ratio_steps (`int`, defaults to 0): on the micro-batches of every this many-th optimizer step, log each
+            term's push relative to the denoising loss's, `grad_ratio_<term>` = ‖∂(λ·L_term)/∂out‖ / ‖∂L_DSM/∂out‖ at
+            the model output (one extra backward through the discriminator's loss); 0 disables it.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class DenoiserTrainStep:
         seed: int = 0,
         per_sample_noise: bool = False,
         disc_augment: DiffAugment | None = None,
+        grad_ratio_steps: int = 0,
     ):
         if decode_for_discriminators and vae is None:
             raise ValueError("decode_for_discriminators needs the VAE whose decoder maps latents to pixels.")
@@ -90,6 +95,7 @@ class DenoiserTrainStep:
         self.objective, self.terms, self.optimizer_step = objective, terms, optimizer_step
         self.vae, self.decode_for_discriminators, self.x0_clip = vae, decode_for_discriminators, x0_clip
         self.seed, self.per_sample_noise, self.disc_augment = seed, per_sample_noise, disc_augment
+        self.grad_ratio_steps = grad_ratio_steps
         self.stats: dict[str, torch.Tensor | float] = {}  # the latest value of every statistic, logged by the caller
 
     def clean_samples(self, batch: dict) -> torch.Tensor:
@@ -144,10 +150,13 @@ class DenoiserTrainStep:
                 )
                 for term in self.terms:  # draws both phases share, before any term's loss
                     term.begin_step(adversarial)
+                measure = self.grad_ratio_steps > 0 and (step + 1) % self.grad_ratio_steps == 0  # logged after it
                 for term in self.terms:
                     term_loss, term_stats = term.generator_loss(adversarial)
                     loss = loss + term_loss
                     stats.update(term_stats)
+                    if measure and term_loss.requires_grad:
+                        stats[f"grad_ratio_{term.name}"] = gradient_norm_ratio(result.loss.mean(), term_loss, output)
             stats["loss"] = loss.detach()
             accelerator.backward(loss)
             if accelerator.sync_gradients:

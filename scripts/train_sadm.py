@@ -224,6 +224,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "discriminator step (None: a constant LR, and no scheduler state in the checkpoints).",
     )
     d.add_argument(
+        "--grad_ratio_logging_steps",
+        type=int,
+        default=100,
+        help="Every N steps log grad_ratio_<term>: the norm of each adversarial term's gradient at the denoiser's output "
+        "over the denoising loss's (one extra backward through its discriminator); 0 disables it.",
+    )
+    d.add_argument(
         "--disc_lr_warmup_steps", type=int, default=0, help="Warm-up discriminator steps of --disc_lr_scheduler."
     )
     # Diffusion-GAN term: DiffusionGANConfig fields as --diffusion_gan_* flags (λ_adv is --gan_loss_weight)
@@ -307,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--disc_pretrained_path warm-starts a StructureDiscriminator; it is not read with --disc_backbone dit."
         )
+    if args.grad_ratio_logging_steps < 0:
+        parser.error(f"--grad_ratio_logging_steps must be >= 0, got {args.grad_ratio_logging_steps}")
     if args.disc_lr_warmup_steps < 0:
         parser.error(f"--disc_lr_warmup_steps must be >= 0, got {args.disc_lr_warmup_steps}")
     if args.disc_lr_warmup_steps > 0 and args.disc_lr_scheduler is None:
@@ -834,6 +843,7 @@ def main(
         seed=args.seed,
         per_sample_noise=args.per_sample_noise,
         disc_augment=DiffAugment(args.disc_augment) if args.disc_augment is not None else None,
+        grad_ratio_steps=args.grad_ratio_logging_steps,
     )
     stats = train_step.stats
     model.train()

@@ -97,3 +97,17 @@ def test_a_discriminator_lr_scheduler_steps_with_each_discriminator_step(acceler
         lrs.append(term.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 7 / 8])  # warm-up 1/2, 2/2, then linear decay over 8 steps
     assert step.terms[0].lr_scheduler is None  # the other term keeps its constant LR
+
+
+def test_the_step_logs_each_terms_push_relative_to_the_denoising_loss(accelerator):
+    struct_cfg = StructureConfig(weight=0.1, warmup_steps=0, t_threshold=1000)
+    gan_cfg = DiffusionGANConfig(weight=10.0, timestep_weighting="none", grad_ratio=0.2)
+    step, _ = make_step(accelerator, struct_cfg, gan_cfg)
+    step.grad_ratio_steps = 2
+    step(batch(), 0)
+    assert "grad_ratio_structure" not in step.stats  # measured on steps 1, 3, ... (logged after step 2, 4, ...)
+    step(batch(), 1)
+    assert step.stats["grad_ratio_structure"] > 0
+    # under the gradient rule the weighted GAN term pushes with exactly grad_ratio (λ_adv is below its cap here)
+    assert step.stats["gan_lambda"] < 10.0
+    assert step.stats["grad_ratio_diffusion_gan"] == pytest.approx(0.2, rel=1e-4)
