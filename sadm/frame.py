@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -153,3 +154,55 @@ def tracker_config(flags: dict, configs: dict[str, object]) -> dict[str, int | f
         for key, value in dataclasses.asdict(config).items():
             values[f"{name}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return values
+
+
+class ScalarLogger:
+    """Logs scalar statistics to the trackers, the same values on every process's behalf.
+
+    Each value is averaged over the processes before it is logged (one `reduce` of all values together; a value that
+    is NaN or infinite on some process is averaged over the others, NaN where none has it), and the throughput since
+    the previous log is added: `img_per_s` (global batch × optimizer steps / wall time, which includes any validation,
+    evaluation or checkpoint in between), `step_time_s`, and on CUDA `peak_memory_gib` (this process's peak allocated
+    memory since the start). Call on every process at the same steps: the reduction is collective.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        global_batch_size (`int`): samples per optimizer step over all processes and accumulation steps.
+        start_step (`int`, defaults to 0): the global step the run starts (or resumes) at.
+    """
+
+    def __init__(self, accelerator: Accelerator, global_batch_size: int, start_step: int = 0):
+        self.accelerator, self.global_batch_size = accelerator, global_batch_size
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def __call__(self, values: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
+        """Reduce `values` (0-d tensors or numbers) over the processes, add the throughput, log at `step`; returns what
+        was logged."""
+        device = self.accelerator.device
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values.values()])
+        finite = torch.isfinite(stacked)
+        packed = torch.stack([torch.where(finite, stacked, torch.zeros_like(stacked)), finite.float()])  # [2, n]
+        if self.accelerator.num_processes > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        means = (packed[0] / packed[1]).tolist()  # one host sync per log; 0/0 = NaN where no process had a value
+        logs = dict(zip(values, means))
+        now = time.perf_counter()
+        steps, elapsed = step - self.last_step, now - self.last_time
+        if steps > 0 and elapsed > 0:
+            logs["step_time_s"] = elapsed / steps
+            logs["img_per_s"] = steps * self.global_batch_size / elapsed
+        if device.type == "cuda":
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.accelerator.log(logs, step=step)
+        self.last_step, self.last_time = step, now
+        return logs
+
+
+def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | None, config: dict) -> None:
+    """`accelerator.init_trackers` with the run's name where the tracker has one (wandb, comet, mlflow, aim);
+    TensorBoard keeps one folder per run (`--logging_dir`)."""
+    init_kwargs = {}
+    if run_name is not None:
+        init_kwargs = {"wandb": {"name": run_name}, "comet_ml": {"name": run_name}, "mlflow": {"run_name": run_name}}
+    accelerator.init_trackers(project_name, config=config, init_kwargs=init_kwargs)
+

@@ -117,9 +117,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The validation-grid flags of every training script; returns the group for a script's own validation flags."""
-    v = parser.add_argument_group("validation")
+def add_validation_args(parser: argparse.ArgumentParser, project_name: str) -> argparse._ArgumentGroup:
+    """The validation-grid and logging flags of every training script (`project_name`: the script's default tracker
+    project); returns the group for a script's own validation flags."""
+    v = parser.add_argument_group("validation and logging")
     v.add_argument(
         "--validation_steps", type=int, default=500, help="Sample a validation grid every N steps (0: never)."
     )
@@ -130,7 +131,12 @@ def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "--logging_steps",
         type=int,
         default=10,
-        help="Log scalars every N steps (the mean over those steps; one host sync per log).",
+        help="Log scalars every N steps (averaged over the processes; one host sync per log), with img/s, s/step and "
+        "the peak accelerator memory.",
+    )
+    v.add_argument("--tracker_project_name", type=str, default=project_name, help="Tracker project.")
+    v.add_argument(
+        "--run_name", type=str, default=None, help="The run's name in wandb / comet / mlflow (None: the tracker's own)."
     )
     return v
 

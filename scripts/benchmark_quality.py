@@ -88,9 +88,9 @@ ARMS.update({
     "ft_sadm_mmd_dit": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *DIT_TRUNK]),
 })  # fmt: skip
 # Issue 14 item 4, pre-registered in docs/BENCHMARKS.md: λ_adv of the fine-tuning GAN term from the gradient-norm rule
-# (the term's gradient at the denoiser's output = 0.1x resp. 0.3x the denoising loss's, λ_adv capped at 1), ramped in
-# over the first 100 steps as the structure term is; the conv D and everything else as `ft_gan_term`.
-GAN_RATIO = ["--structure_loss_weight", "0", "--gan_loss_weight", "1", "--gan_warmup_steps", "100"]
+# (the term's gradient at the denoiser's output = 0.1x resp. 0.3x the denoising loss's, λ_adv capped at 100 as the SADM
+# arms' λ), ramped in over the first 100 steps as the structure term is; the conv D and everything else as `ft_gan_term`.
+GAN_RATIO = ["--structure_loss_weight", "0", "--gan_loss_weight", "100", "--gan_warmup_steps", "100"]
 ARMS.update({
     "ft_gan_r01": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.1"]),
     "ft_gan_r03": ("train_sadm.py", [*FINETUNE, *GAN_RATIO, "--gan_grad_ratio", "0.3"]),

@@ -54,9 +54,11 @@ from sadm.diffusion_gan import (
 )
 from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
 from sadm.frame import (
+    ScalarLogger,
     ema_weights,
     evaluate_and_keep_best,
     export_pipeline,
+    init_trackers,
     resume_train_state,
     run_periodic_jobs,
     save_validation_grid,
@@ -170,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(
         parser, DiffusionGANConfig, DIFFUSION_GAN_PREFIX, rename=DIFFUSION_GAN_RENAME, skip=DIFFUSION_GAN_SKIP
     )
-    add_validation_args(parser)
+    add_validation_args(parser, project_name="sadm-diffusion-gan")
     add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
     args = parser.parse_args(argv)
 
@@ -429,7 +431,12 @@ def main(args: argparse.Namespace) -> None:
 
     if accelerator.is_main_process:
         effective = {**vars(args), "max_train_steps": max_train_steps}
-        accelerator.init_trackers("sadm-diffusion-gan", config=tracker_config(effective, {"diffusion_gan": config}))
+        init_trackers(
+            accelerator,
+            args.tracker_project_name,
+            args.run_name,
+            tracker_config(effective, {"diffusion_gan": config}),
+        )
 
     # ---- resume: the next slot after `global_step` completed cycles is global_step·(ratio + 1)
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
@@ -458,6 +465,7 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    log_scalars = ScalarLogger(accelerator, total_batch, start_step=global_step)
     bad_steps = BadStepCounter(args.max_bad_steps, bad_steps)  # skipped non-finite steps per model
     window_real_logits: list[torch.Tensor] = []  # real logits of the current D optimizer step (all micro-batches)
     d_stats: list[dict[str, float]] = []  # per D micro-batch since the last log
@@ -515,8 +523,8 @@ def main(args: argparse.Namespace) -> None:
             logs["ema_decay"] = ema.cur_decay_value
         g_stats.clear()
         d_stats.clear()
+        logs = log_scalars(logs, step)  # averaged over the processes, with img/s and s/step
         progress.set_postfix({k: f"{logs[k]:.4g}" for k in MONITORS})
-        accelerator.log(logs, step=step)
 
     # ---- loop
     generator.train()

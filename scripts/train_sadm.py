@@ -48,9 +48,11 @@ from sadm.finetune import (
     trainable_parameters,
 )
 from sadm.frame import (
+    ScalarLogger,
     ema_weights,
     evaluate_and_keep_best,
     export_pipeline,
+    init_trackers,
     make_adamw,
     resume_train_state,
     run_periodic_jobs,
@@ -184,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--lora_alpha", type=float, default=None, help="LoRA α (scale α/r); default: the rank.")
     f.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGETS),
                    help="Comma-separated module-name suffixes that get LoRA adapters (default: attention q/k/v/out, MLP).")  # fmt: skip
-    v = add_validation_args(parser)
+    v = add_validation_args(parser, project_name="sadm")
     v.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale for validation images.")
     v.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps for validation images.")
     add_eval_args(parser, diffusion_sampling=True)
@@ -773,7 +775,7 @@ def main(
         configs = {"structure": struct_cfg, "diffusion_gan": gan_cfg}  # the effective method configs
         effective = {**vars(args), "learning_rate": run.learning_rate, "max_train_steps": max_train_steps}
         effective["x0_clip"] = x0_clip
-        accelerator.init_trackers("sadm", config=tracker_config(effective, configs))
+        init_trackers(accelerator, args.tracker_project_name, args.run_name, tracker_config(effective, configs))
 
     # ---- resume
     global_step, first_epoch, skip_batches, bad_steps = 0, 0, 0, None
@@ -799,6 +801,7 @@ def main(
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    log_scalars = ScalarLogger(accelerator, total_batch, start_step=global_step)
 
     def run_validation(step: int) -> None:
         with ema_weights(ema, trained_params, accelerator.unwrap_model(model)) as unwrapped:
@@ -864,25 +867,16 @@ def main(
                 if on_step is not None:
                     on_step(global_step)
                 if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                    names = list(stats)
-                    values = torch.stack(
-                        [
-                            torch.as_tensor(stats[n], dtype=torch.float32, device="cpu")
-                            if not torch.is_tensor(stats[n])
-                            else stats[n].float().cpu()
-                            for n in names
-                        ]
-                    ).tolist()
-                    logs = dict(zip(names, values), lr=lr_scheduler.get_last_lr()[0], **bad_steps.stats())
+                    values = {**stats, "lr": lr_scheduler.get_last_lr()[0], **bad_steps.stats()}
                     if ema is not None:
-                        logs["ema_decay"] = ema.cur_decay_value
+                        values["ema_decay"] = ema.cur_decay_value
+                    logs = log_scalars(values, global_step)  # averaged over the processes
                     postfix = {
                         k: f"{logs[k]:.4g}"
-                        for k in ("loss", "loss_dsm", "loss_struct", "loss_gan_g", "ada_T")
+                        for k in ("loss", "loss_dsm", "loss_struct", "loss_gan_g", "ada_T", "img_per_s")
                         if k in logs
                     }
                     progress.set_postfix(postfix)
-                    accelerator.log(logs, step=global_step)
 
                 if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                     named = {"transformer": accelerator.unwrap_model(model)}

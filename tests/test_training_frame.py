@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sadm.frame import ema_weights, make_adamw, tracker_config
+from sadm.frame import ScalarLogger, ema_weights, make_adamw, tracker_config
 from sadm.structure import StructureConfig
 
 
@@ -32,3 +32,27 @@ def test_make_adamw_implementations():
     assert make_adamw(params, 1e-3, (0.9, 0.99), 0.0, 1e-8).defaults["betas"] == (0.9, 0.99)
     with pytest.raises(ValueError, match="8-bit"):
         make_adamw(params, 1e-3, (0.9, 0.99), 0.0, 1e-8, use_8bit=True, fused=True)
+
+
+class RecordingAccelerator:
+    """What ScalarLogger uses of an Accelerator, on one process, recording what reaches the trackers."""
+
+    device, num_processes = torch.device("cpu"), 1
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+def test_the_scalar_logger_logs_plain_floats_with_the_throughput(monkeypatch):
+    clock = iter([100.0, 104.0])  # the logger's start, then the log 4 s later
+    monkeypatch.setattr("sadm.frame.time.perf_counter", lambda: next(clock))
+    accelerator = RecordingAccelerator()
+    log = ScalarLogger(accelerator, global_batch_size=32, start_step=10)
+    logs = log({"loss": torch.tensor(0.5), "lr": 1e-3, "empty_bucket": torch.tensor(float("nan"))}, step=20)
+    assert logs["loss"] == 0.5 and logs["lr"] == pytest.approx(1e-3) and logs["empty_bucket"] != logs["empty_bucket"]
+    assert logs["step_time_s"] == pytest.approx(0.4) and logs["img_per_s"] == pytest.approx(10 * 32 / 4)
+    assert accelerator.logged == [(20, logs)] and all(isinstance(v, float) for v in logs.values())
+
