@@ -179,7 +179,9 @@ class ScalarLogger:
         """Reduce `values` (0-d tensors or numbers) over the processes, add the throughput, log at `step`; returns what
         was logged."""
         device = self.accelerator.device
-        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values.values()])
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values.values()]
+        )
         finite = torch.isfinite(stacked)
         packed = torch.stack([torch.where(finite, stacked, torch.zeros_like(stacked)), finite.float()])  # [2, n]
         if self.accelerator.num_processes > 1:
@@ -205,4 +207,3 @@ def init_trackers(accelerator: Accelerator, project_name: str, run_name: str | N
     if run_name is not None:
         init_kwargs = {"wandb": {"name": run_name}, "comet_ml": {"name": run_name}, "mlflow": {"run_name": run_name}}
     accelerator.init_trackers(project_name, config=config, init_kwargs=init_kwargs)
-

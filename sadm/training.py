@@ -136,7 +136,10 @@ def add_validation_args(parser: argparse.ArgumentParser, project_name: str) -> a
     )
     v.add_argument("--tracker_project_name", type=str, default=project_name, help="Tracker project.")
     v.add_argument(
-        "--run_name", type=str, default=None, help="The run's name in wandb / comet / mlflow (None: the tracker's own)."
+        "--run_name",
+        type=str,
+        default=None,
+        help="The run's name in wandb / comet / mlflow (None: the tracker's own).",
     )
     return v
 

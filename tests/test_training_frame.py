@@ -55,4 +55,3 @@ def test_the_scalar_logger_logs_plain_floats_with_the_throughput(monkeypatch):
     assert logs["loss"] == 0.5 and logs["lr"] == pytest.approx(1e-3) and logs["empty_bucket"] != logs["empty_bucket"]
     assert logs["step_time_s"] == pytest.approx(0.4) and logs["img_per_s"] == pytest.approx(10 * 32 / 4)
     assert accelerator.logged == [(20, logs)] and all(isinstance(v, float) for v in logs.values())
-
