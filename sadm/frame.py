@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from .training import (
+    CHECKPOINT_PREFIX,
     assert_finite_parameters,
     atomic_save_pretrained,
     image_grid,
@@ -96,6 +97,17 @@ def resume_train_state(accelerator: Accelerator, output_dir: str, resume_from_ch
     accelerator.print(f"Resuming from {resume_path}")
     accelerator.load_state(str(resume_path))
     return load_train_state(resume_path)
+
+
+def log_preemption_stop(accelerator: Accelerator, preemption, output_dir: str, step: int) -> None:
+    """Say that a signal (see [`~sadm.preemption.PreemptionHandler`]) stopped the run at `step` after its checkpoint,
+    and how to continue; the script then returns (exit code 0) without exporting."""
+    checkpoint = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    logger.warning(
+        f"Stopped by {preemption.signal_name} at step {step}: checkpoint {checkpoint} written, no export. Continue "
+        "with --resume_from_checkpoint latest (and the same flags).",
+        main_process_only=True,
+    )
 
 
 def evaluate_and_keep_best(

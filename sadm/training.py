@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_STATE_NAME = "train_state.json"
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 EMA_STATE_NAME = "ema_state.pt"
+MANIFEST_NAME = "manifest.json"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -283,8 +285,8 @@ def make_dataloader(dataset, batch_size: int, seed: int, num_workers: int, colla
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (`checkpoint-N` with a train_state.json, no temporary suffix), oldest first."""
+def _checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-N` folders with a train_state.json (no temporary prefix), oldest first, not verified."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -297,18 +299,60 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What makes `path` an incomplete checkpoint (naming the file), or None when it is complete.
+
+    Complete: a train_state.json and, when the checkpoint has a `manifest.json` (written last by `save_checkpoint`),
+    every file it lists with its recorded size. Checkpoints written before the manifest existed count as complete
+    when their train_state.json is there. Sizes, not checksums: a write cut short (killed process, full disk, a copy
+    interrupted by a sync tool) leaves missing or short files, which a `stat` per file finds; hashing would read every
+    weight file on each save and resume (gigabytes for DiT-XL), and silent bit flips are the file system's to catch.
+    """
+    path = Path(path)
+    if not (path / TRAIN_STATE_NAME).is_file():
+        return f"{path / TRAIN_STATE_NAME} is missing"
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.exists():
+        return None
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} has {actual} bytes, the manifest says {size} (truncated)"
+    return None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoint-N` that pass `checkpoint_problem`, no temporary prefix), oldest first."""
+    return [path for path in _checkpoint_folders(output_dir) if checkpoint_problem(path) is None]
+
+
 def resolve_resume_path(output_dir: str, resume: str | None) -> Path | None:
-    """`latest` -> the newest complete checkpoint of output_dir (None when there is none); a path must exist."""
+    """`latest` -> the newest complete checkpoint of output_dir (None when there is none), warning about each newer
+    incomplete one it passes over; a path must be a complete checkpoint (else an error naming the missing or
+    truncated file)."""
     if resume is None:
         return None
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for path in reversed(_checkpoint_folders(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logger.warning(f"Skipping the incomplete checkpoint {path}: {problem}. Trying the previous one.")
+        return None
     path = Path(resume)
-    if not (path / TRAIN_STATE_NAME).exists():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAIN_STATE_NAME})."
-        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a folder.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint: {problem}.")
     return path
 
 
@@ -325,8 +369,11 @@ def save_checkpoint(
 ) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed into place when complete; then prune old checkpoints.
 
-    A process killed at any moment leaves either no `checkpoint-N` or a complete one, and `latest` only sees complete ones.
-    Call on every process (save_state runs the registered hooks and writes RNG states per process).
+    The main process writes `train_state.json`, then `manifest.json` (every file's size, see `checkpoint_problem`) last,
+    fsyncs and renames. A process killed at any moment leaves either no `checkpoint-N` or a complete one, and `latest`
+    only sees complete ones; older checkpoints are pruned only once the new one is in place. A failed write (e.g. a full
+    disk) removes the temporary folder, leaves the previous checkpoints as they were and raises, naming the folder and
+    the free space. Call on every process (save_state runs the registered hooks and writes RNG states per process).
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
     tmp = Path(output_dir) / f".tmp-{CHECKPOINT_PREFIX}{global_step}"
@@ -336,18 +383,49 @@ def save_checkpoint(
         for leftover in Path(output_dir).glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # saves killed mid-way, this one included
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / TRAIN_STATE_NAME, "w") as f:
-            json.dump({"global_step": global_step, **train_state}, f, indent=2)
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if total_limit is not None:
-            prune_checkpoints(output_dir, total_limit)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(tmp / TRAIN_STATE_NAME, "w") as f:
+                json.dump({"global_step": global_step, **train_state}, f, indent=2)
+            write_manifest(tmp)
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(output_dir).free
+        previous = list_checkpoints(output_dir)
+        need = f", the previous checkpoint takes {_folder_size(previous[-1]) / 2**20:.1f} MiB" if previous else ""
+        kept = f" {previous[-1]} is intact." if previous else ""
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on the device of --output_dir {output_dir} while writing checkpoint {global_step} "
+            f"({free / 2**20:.1f} MiB free{need}); the partial checkpoint was removed.{kept} Free some space (or lower "
+            "--checkpoints_total_limit) and resume with --resume_from_checkpoint latest.",
+        ) from e
+    if accelerator.is_main_process and total_limit is not None:
+        prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """`manifest.json`: the size of every file of the checkpoint, written last (see `checkpoint_problem`)."""
+    files = {
+        file.relative_to(checkpoint).as_posix(): file.stat().st_size
+        for file in sorted(checkpoint.rglob("*"))
+        if file.is_file() and file.name != MANIFEST_NAME
+    }
+    with open(checkpoint / MANIFEST_NAME, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def _folder_size(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int) -> None:
@@ -398,6 +476,15 @@ def register_model_hooks(
         return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
+        # `EMAModel.save_pretrained` builds a model to save into, and its initialisation draws from the global CPU RNG:
+        # without the fork, writing a checkpoint would change the rest of the run (a run stopped by a signal at step N
+        # would then not resume into the uninterrupted run, which wrote no checkpoint at N)
+        with torch.random.fork_rng(devices=[]):
+            _save_models(models, output_dir)
+        while weights:  # accelerate must not pickle the weights again
+            weights.pop()
+
+    def _save_models(models, output_dir):
         if accelerator.is_main_process:
             for name, model in zip(names, models):
                 model = accelerator.unwrap_model(model)
@@ -411,8 +498,6 @@ def register_model_hooks(
                 torch.save(ema.state_dict(), os.path.join(output_dir, ema_name, EMA_STATE_NAME))
             elif ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, ema_name))
-        while weights:  # accelerate must not pickle the weights again
-            weights.pop()
 
     def load_hook(models, input_dir):
         for name, model in zip(names, list(models)):

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 
 import torch
 from accelerate.logging import get_logger
@@ -58,7 +59,11 @@ from sadm.frame import (
     ema_weights,
     evaluate_and_keep_best,
     export_pipeline,
+<<<<<<< HEAD
     init_trackers,
+=======
+    log_preemption_stop,
+>>>>>>> preempt
     resume_train_state,
     run_periodic_jobs,
     save_validation_grid,
@@ -67,6 +72,7 @@ from sadm.frame import (
 )
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
+from sadm.preemption import PreemptionHandler
 from sadm.training import (
     BadStepCounter,
     HelpFormatter,
@@ -344,7 +350,13 @@ def mean(values: list[float | torch.Tensor]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def main(args: argparse.Namespace) -> None:
+def main(
+    args: argparse.Namespace,
+    on_step: Callable[[int], None] | None = None,
+    preemption: PreemptionHandler | None = None,
+) -> None:
+    """Train and export. `on_step(global_step)` is called after every generator (optimizer) step. When `preemption`
+    (entered by the caller) reports a SIGTERM/SIGUSR1, the run checkpoints at that step and returns without exporting."""
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -529,6 +541,7 @@ def main(args: argparse.Namespace) -> None:
     # ---- loop
     generator.train()
     discriminator.train()
+    stop = False  # a SIGTERM/SIGUSR1 agreed by all processes: checkpoint at this step and return (sadm/preemption.py)
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
         start = skip_batches if epoch == first_epoch else 0
@@ -576,13 +589,16 @@ def main(args: argparse.Namespace) -> None:
                 ema.step(unwrapped_generator.parameters())
             global_step += 1
             progress.update(1)
+            if on_step is not None:
+                on_step(global_step)
             if diffusion.num_updates // diffusion.ada_interval != num_adjustments:
                 num_adjustments = diffusion.num_updates // diffusion.ada_interval
                 t_history.append([global_step, diffusion.p, diffusion.T, diffusion.r_d])
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 log_statistics(global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+            stop = preemption is not None and preemption.should_stop(accelerator) and global_step < max_train_steps
+            if stop or global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 assert_finite_parameters({"generator": unwrapped_generator, "discriminator": unwrapped_discriminator})
                 save_checkpoint(
                     accelerator,
@@ -591,13 +607,19 @@ def main(args: argparse.Namespace) -> None:
                     {"epoch": epoch, "bad_steps": bad_steps.state_dict()},
                     args.checkpoints_total_limit,
                 )
+            if stop:
+                break
             run_periodic_jobs(
                 accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
             )
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if stop or global_step >= max_train_steps:
             break
+    if stop:
+        log_preemption_stop(accelerator, preemption, args.output_dir, global_step)
+        accelerator.end_training()
+        return
 
     # ---- export: a pipeline folder with EMA weights, discriminator/, T.png, a model card and a pipeline.py
     accelerator.wait_for_everyone()
@@ -646,4 +668,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli_args = parse_args()
+    with PreemptionHandler(timeout_s=cli_args.ddp_timeout) as handler:  # the default handlers are back afterwards
+        main(cli_args, preemption=handler)

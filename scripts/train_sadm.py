@@ -53,6 +53,7 @@ from sadm.frame import (
     evaluate_and_keep_best,
     export_pipeline,
     init_trackers,
+    log_preemption_stop,
     make_adamw,
     resume_train_state,
     run_periodic_jobs,
@@ -83,6 +84,7 @@ from sadm.models.dit_trunk import (
 )
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.objective import DenoisingObjective
+from sadm.preemption import PreemptionHandler
 from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
@@ -590,10 +592,12 @@ def main(
     args: argparse.Namespace,
     dataset: torch.utils.data.Dataset | None = None,
     on_step: Callable[[int], None] | None = None,
+    preemption: PreemptionHandler | None = None,
 ) -> None:
     """Train and export. `dataset` replaces the data the flags name (an in-memory dataset with `num_classes`,
     `id2label` and `num_channels`, e.g. the speed benchmark's); `on_step(global_step)` is called after every
-    optimizer step (the speed benchmark times the gaps and ends the run by raising)."""
+    optimizer step (the speed benchmark times the gaps and ends the run by raising). When `preemption` (entered by
+    the caller) reports a SIGTERM/SIGUSR1, the run checkpoints at that optimizer step and returns without exporting."""
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -850,6 +854,7 @@ def main(
     )
     stats = train_step.stats
     model.train()
+    stop = False  # a SIGTERM/SIGUSR1 agreed by all processes: checkpoint at this step and return (sadm/preemption.py)
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
         batches = (
@@ -878,7 +883,8 @@ def main(
                     }
                     progress.set_postfix(postfix)
 
-                if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                stop = preemption is not None and preemption.should_stop(accelerator) and global_step < max_train_steps
+                if stop or global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                     named = {"transformer": accelerator.unwrap_model(model)}
                     named.update({term.model_name: term.unwrapped for term in terms})
                     assert_finite_parameters(named)
@@ -892,13 +898,19 @@ def main(
                         train_state,
                         args.checkpoints_total_limit,
                     )
+                if stop:
+                    break
                 run_periodic_jobs(
                     accelerator, global_step, args.validation_steps, run_validation, args.eval_steps, run_evaluation
                 )
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if stop or global_step >= max_train_steps:
             break
+    if stop:
+        log_preemption_stop(accelerator, preemption, args.output_dir, global_step)
+        accelerator.end_training()
+        return
 
     # ---- export: a pipeline folder with EMA weights, a model card and a pipeline.py
     accelerator.wait_for_everyone()
@@ -938,4 +950,6 @@ def main(
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli_args = parse_args()
+    with PreemptionHandler(timeout_s=cli_args.ddp_timeout) as handler:  # the default handlers are back afterwards
+        main(cli_args, preemption=handler)
