@@ -59,11 +59,8 @@ from sadm.frame import (
     ema_weights,
     evaluate_and_keep_best,
     export_pipeline,
-<<<<<<< HEAD
     init_trackers,
-=======
     log_preemption_stop,
->>>>>>> preempt
     resume_train_state,
     run_periodic_jobs,
     save_validation_grid,
