@@ -102,6 +102,7 @@ ARMS.update({
     "ft_dsm_psn": ("train_sadm.py", [*ARMS["ft_dsm"][1], *PSN]),
     "ft_gan_term_psn": ("train_sadm.py", [*ARMS["ft_gan_term"][1], *PSN]),
     "ft_sadm_mmd_psn": ("train_sadm.py", [*ARMS["ft_sadm_mmd"][1], *PSN]),
+    "ft_gan_r03_psn": ("train_sadm.py", [*ARMS["ft_gan_r03"][1], *PSN]),
 })  # fmt: skip
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
