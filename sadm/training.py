@@ -567,14 +567,34 @@ def atomic_save_pretrained(output_dir: str, write) -> None:
     shutil.rmtree(tmp)
 
 
-def write_model_card(output_dir: str, title: str, lines: list[str], loads_without_sadm: bool = True) -> None:
-    """README.md of an export: what was trained, how to load it, and the command that produced it."""
+def write_model_card(
+    output_dir: str,
+    title: str,
+    lines: list[str],
+    loads_without_sadm: bool = True,
+    base_model: str | None = None,
+    tags: tuple[str, ...] = ("sadm", "dit", "diffusion-transformer"),
+) -> None:
+    """README.md of an export: what was trained, how to load it, and the command that produced it.
+
+    The metadata block is huggingface_hub's `ModelCardData` (valid YAML the Hub reads: `library_name: diffusers`,
+    `base_model` for a fine-tune of a Hub model, the tags) completed by diffusers' `populate_model_card`. Not diffusers'
+    `load_or_create_model_card`: it first looks the card up on the Hub, which fails offline and on a local folder.
+
+    Args:
+        output_dir (`str`): the export folder.
+        title (`str`): the card's heading.
+        lines (`list[str]`): markdown lines describing the run (data, model, objective).
+        loads_without_sadm (`bool`): the folder holds a `pipeline.py`, so diffusers loads it with `trust_remote_code`.
+        base_model (`str`, *optional*): the model fine-tuned; recorded in the metadata when it is a Hub repository id
+            (a local folder is named in `lines` instead, since the Hub cannot resolve it).
+        tags (`tuple[str, ...]`): Hub tags.
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
     command = " ".join(["accelerate launch"] + [a if " " not in a else repr(a) for a in sys.argv])
-    text = [
-        "---",
-        "library_name: diffusers",
-        "tags: [sadm, dit, diffusion-transformer]",
-        "---",
+    body = [
         f"# {title}",
         "",
         *lines,
@@ -594,8 +614,10 @@ def write_model_card(output_dir: str, title: str, lines: list[str], loads_withou
         command,
         "```",
     ]
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write("\n".join(text) + "\n")
+    hub_base = base_model if base_model is not None and not os.path.exists(base_model) else None
+    data = ModelCardData(library_name="diffusers", base_model=hub_base)
+    card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body) + "\n"), tags=list(tags))
+    card.save(os.path.join(output_dir, "README.md"))
 
 
 def copy_pipeline_file(source_file: str, output_dir: str) -> None:
@@ -643,6 +665,9 @@ def add_dataclass_args(
 
     Each flag's default is the field's (shown by [`HelpFormatter`]); fields whose default is None are resolved by the
     config itself (e.g. from a preset) and say so in their help.
+
+    Not `transformers.HfArgumentParser`: it names each flag after its field, with no prefix or renaming, so the two
+    method configs (whose fields share names such as `weight` and `warmup_steps`) would collide in one parser.
     """
     rename = rename or {}
     hints = typing.get_type_hints(config_cls)

@@ -943,6 +943,7 @@ def main(
                     f"- Sampler sadm {sadm.__version__}: `SADMDiTPipeline`, null class id = {null_class if num_classes else 'n/a'}.",
                     *([DIT_PIPELINE_NOTE.format(null_class=null_class)] if vae is not None else []),
                 ],
+                base_model=args.pretrained_model_name_or_path,
             )
 
         export_pipeline(args.output_dir, write)

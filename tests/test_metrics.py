@@ -420,9 +420,24 @@ def test_inception_features_from_a_local_file_and_a_clear_error_without_it(tmp_p
         net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     torch.save(net.state_dict(), tmp_path / "inception.pth")
     features = InceptionFeatures(tmp_path / "inception.pth")
-    out = features(torch.rand(2, 1, 16, 16) * 2 - 1)
-    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    out, logits = features.features_and_logits(images)
+    assert out.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(out).all()
+    torch.testing.assert_close(features(images), out)
     assert features.identity.startswith("inception_v3_fid_")
+    features.train()
+    assert not features.model.training  # batch norm stays in inference mode
+    # the loaded weights are the file's, not a fresh init
+    loaded = features.model.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in net.state_dict().items())
+    # antialias: resized to 299 before the extractor, whose TF-1 resize is then the identity
+    smooth = InceptionFeatures(tmp_path / "inception.pth", antialias=True)
+    assert smooth.identity.endswith("_antialias")
+    assert smooth._to_uint8(images).shape == (2, 3, 299, 299)
+    big = torch.randint(0, 256, (1, 3, 299, 299)).float()
+    resized = fidelity.interpolate_bilinear_2d_like_tensorflow1x(big, size=(299, 299), align_corners=False)
+    torch.testing.assert_close(resized, big)
+    assert not torch.allclose(smooth(images), out, rtol=1e-3, atol=0)  # random-init features are ~1e-8
 
 
 # ---------------------------------------------------------------- the registry

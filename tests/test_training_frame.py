@@ -55,3 +55,19 @@ def test_the_scalar_logger_logs_plain_floats_with_the_throughput(monkeypatch):
     assert logs["loss"] == 0.5 and logs["lr"] == pytest.approx(1e-3) and logs["empty_bucket"] != logs["empty_bucket"]
     assert logs["step_time_s"] == pytest.approx(0.4) and logs["img_per_s"] == pytest.approx(10 * 32 / 4)
     assert accelerator.logged == [(20, logs)] and all(isinstance(v, float) for v in logs.values())
+
+
+def test_model_card_metadata_is_hub_yaml_with_base_model_only_for_hub_ids(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from sadm.training import write_model_card
+
+    write_model_card(str(tmp_path), "A title", ["- Data: digits."], base_model="facebook/DiT-XL-2-256")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.base_model == "facebook/DiT-XL-2-256"
+    assert card.data.tags == ["sadm", "dit", "diffusion-transformer"]
+    assert "# A title" in card.text and "- Data: digits." in card.text and "trust_remote_code=True" in card.text
+    # a local folder cannot be resolved by the Hub: it stays out of the metadata
+    write_model_card(str(tmp_path), "A title", [], loads_without_sadm=False, base_model=str(tmp_path))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model is None and "needs sadm installed" in card.text

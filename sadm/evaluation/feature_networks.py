@@ -52,16 +52,18 @@ def images_to_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionFeatures(torch.nn.Module):
-    """The FID Inception-v3 (TensorFlow graph of 2015-12-05) through torchmetrics' `NoTrainInceptionV3`, weights from a file.
+    """The FID Inception-v3 (TensorFlow graph of 2015-12-05) through torch-fidelity's `FeatureExtractorInceptionV3`.
 
     The weights are never downloaded: pass the local path of `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's file;
-    torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` is the same file). torchmetrics builds the network from
-    torch-fidelity, which must be installed (`pip install torch-fidelity`).
+    torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` is the same file). Needs torch-fidelity
+    (`pip install torch-fidelity`, or sadm's `inception` extra). The extractor's public forward returns the pool3
+    features and the unbiased logits of the Inception Score in one pass.
 
     Args:
         weights_path (`str`): local path of the weights file.
-        antialias (`bool`): resize to 299x299 with antialiased bilinear interpolation (torchmetrics' default) instead of the
-            TensorFlow-1 bilinear resize of the original FID code. Default False, so numbers are comparable with papers.
+        antialias (`bool`): resize to 299x299 with antialiased bilinear interpolation (torchmetrics' default), rounded back
+            to uint8, instead of the TensorFlow-1 bilinear resize of the original FID code. Default False, so numbers are
+            comparable with papers.
 
     Call: `images [N, C, H, W]` float in [-1, 1] -> pool3 features `[N, 2048]` (quantised to uint8 first, as FID does).
     """
@@ -76,33 +78,36 @@ class InceptionFeatures(torch.nn.Module):
                 f"({INCEPTION_WEIGHTS_URL}), copy it here and pass its path."
             )
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as error:
-            raise ImportError(f"InceptionFeatures needs torchmetrics: {error}") from error
-        if not _TORCH_FIDELITY_AVAILABLE:
             raise ModuleNotFoundError(
-                "InceptionFeatures needs torch-fidelity (torchmetrics builds the FID Inception-v3 from it): "
-                "pip install torch-fidelity"
-            )
-        self.model = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(weights_path),
-            antialias=antialias,
-        )
+                f"InceptionFeatures needs torch-fidelity: pip install torch-fidelity ({error})"
+            ) from error
+        self.model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights_path)
+        ).eval()
+        self.model.requires_grad_(False)
+        self.antialias = antialias
         self.identity = f"inception_v3_fid_{file_fingerprint(weights_path)}" + ("_antialias" if antialias else "")
 
+    def train(self, mode: bool = True) -> InceptionFeatures:
+        super().train(mode)
+        self.model.eval()  # batch norm stays in inference mode: the network is a fixed measuring instrument
+        return self
+
     def _to_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        images = images_to_rgb(images)
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, 3, H, W] in 0..255
+        images = ((images_to_rgb(images).float().clamp(-1, 1) + 1) * 127.5).round()  # [N, 3, H, W] in 0..255
+        if self.antialias:
+            size = self.model.INPUT_IMAGE_SIZE
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            images = images.round().clamp(0, 255)  # the TF-1 resize inside the extractor is then the identity
+        return images.to(torch.uint8)
 
     @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool features `[N, 2048]` and the 1008 unbiased logits `[N, 1008]` used by the Inception Score."""
         device = next(self.model.parameters()).device
-        # torchmetrics' forward returns only the first feature; its tuple-returning forward gives both in one pass
-        features, logits = self.model._torch_fidelity_forward(self._to_uint8(images).to(device))
+        features, logits = self.model(self._to_uint8(images).to(device))
         return features.reshape(images.shape[0], -1).float(), logits.float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
