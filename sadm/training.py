@@ -45,6 +45,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags every training script has, named as in diffusers' training examples."""
     g = parser.add_argument_group("training")
+    g.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="A YAML or JSON file of flags (keys: flag names without '--', e.g. configs/finetune_gan.yaml); flags on "
+        "the command line override it.",
+    )
     g.add_argument("--output_dir", type=str, required=True, help="Where the exported pipeline and checkpoints go.")
     g.add_argument(
         "--overwrite_output_dir",
@@ -654,6 +661,56 @@ def log_images(accelerator: Accelerator, name: str, images: np.ndarray, step: in
 
 
 # ----------------------------------------------------------------------------------------------- method configs as flags
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with the flags of `--config FILE` (YAML or JSON) placed before the command line's.
+
+    The file's entries become command-line tokens, so argparse checks their types and choices as it checks typed flags,
+    and a flag given on the command line wins (argparse keeps the last occurrence). Keys are flag names without the
+    dashes; booleans switch `store_true` and `--x/--no-x` flags; lists fill multi-value flags; null keeps the default.
+
+    Raises (through `parser.error`, exit code 2): a file that does not exist or is not a mapping, a key that is not a
+    flag of this script (both named with the file).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return parser.parse_args(argv)
+    if not os.path.isfile(path):
+        parser.error(f"--config {path} is not a file.")
+    with open(path) as f:
+        if path.endswith(".json"):
+            entries = json.load(f)
+        else:
+            import yaml  # PyYAML, a dependency of accelerate
+
+            entries = yaml.safe_load(f)
+    if not isinstance(entries, dict):
+        parser.error(f"--config {path} must hold a mapping of flag names to values, got {type(entries).__name__}.")
+    actions = {option.lstrip("-"): action for action in parser._actions for option in action.option_strings}
+    tokens: list[str] = []
+    for key, value in entries.items():
+        action = actions.get(str(key).lstrip("-"))
+        if action is None or action.dest in ("config", "help"):
+            parser.error(f"--config {path}: {key!r} is not a flag of this script (see --help).")
+        flag = "--" + str(key).lstrip("-")
+        if value is None:
+            continue
+        if action.nargs == 0:  # store_true / BooleanOptionalAction
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} takes true or false, got {value!r}.")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if value else "--no-" + flag[2:])
+            elif value:
+                tokens.append(flag)
+        elif isinstance(value, list):
+            tokens += [flag, *map(str, value)]
+        else:
+            tokens += [flag, str(value)]
+    return parser.parse_args(tokens + argv)
+
+
 def add_dataclass_args(
     parser: argparse.ArgumentParser,
     config_cls,

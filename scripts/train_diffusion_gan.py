@@ -84,6 +84,7 @@ from sadm.training import (
     dataclass_from_args,
     make_accelerator,
     make_dataloader,
+    parse_args_with_config,
     register_model_hooks,
     save_checkpoint,
     step_if_finite,
@@ -177,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_validation_args(parser, project_name="sadm-diffusion-gan")
     add_eval_args(parser, diffusion_sampling=False)  # one-step generator: no sampling steps, no guidance
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
 
     if args.resolution < 4 or args.resolution & (args.resolution - 1):
         parser.error(f"--resolution must be a power of two >= 4 for the generator, got {args.resolution}")

@@ -103,6 +103,7 @@ from sadm.training import (
     dataclass_from_args,
     make_accelerator,
     make_dataloader,
+    parse_args_with_config,
     register_model_hooks,
     save_checkpoint,
     write_model_card,
@@ -257,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Latent models: the discriminators see latents, or VAE-decoded pixels (decoder frozen, gradients flow through it into x̂₀).")  # fmt: skip
     d.add_argument("--x0_clip", type=float, default=None,
                    help="Clamp what the adversarial terms see to [-c, c]; 0 disables. Default: 1 for pixels (data lie in [-1, 1]), 0 for latents.")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
 
     if args.resolution <= 0:
         parser.error(f"--resolution must be positive, got {args.resolution}")

@@ -88,3 +88,36 @@ def test_help_defaults_of_the_method_configs_are_the_effective_ones(tmp_path, ca
     assert run.structure.weight == 0.0 and run.diffusion_gan.weight == 0.0  # both terms are off by default
     assert isinstance(run.structure, StructureConfig) and isinstance(run.diffusion_gan, DiffusionGANConfig)
     assert run.learning_rate == 1e-3 and args.learning_rate is None  # derived in the run config, not in args
+
+
+def test_config_file_supplies_flags_and_the_command_line_overrides_it(tmp_path, capsys):
+    script = _script("train_sadm")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "structure_loss_weight: 0\ngan_loss_weight: 100\ngan_grad_ratio: 0.3\nuse_ema: false\n"
+        "per_sample_noise: true\nlearning_rate: null\n"
+    )
+    args = script.parse_args(["--config", str(config), "--output_dir", str(tmp_path), "--gan_grad_ratio", "0.1"])
+    assert (args.structure_loss_weight, args.gan_loss_weight, args.gan_grad_ratio) == (0.0, 100.0, 0.1)
+    assert args.use_ema is False and args.per_sample_noise is True and args.config == str(config)
+    # JSON too, and the repository's recommended settings parse
+    (tmp_path / "run.json").write_text('{"gan_loss_weight": 0.5, "seed": 3}')
+    args = script.parse_args(["--config", str(tmp_path / "run.json"), "--output_dir", str(tmp_path)])
+    assert (args.gan_loss_weight, args.seed) == (0.5, 3)
+    for preset in sorted((REPO / "configs" / "methods").glob("*.yaml")):
+        script.parse_args(["--config", str(preset), "--output_dir", str(tmp_path)])
+    # bad input names the file and the key; argparse still checks the types of the file's values
+    for text, message in [
+        ("not_a_flag: 1\n", "'not_a_flag' is not a flag"),
+        ("use_ema: 3\n", "use_ema takes true or false"),
+        ("- 1\n", "must hold a mapping"),
+        ("seed: abc\n", "argument --seed: invalid int value"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            script.parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert message in err and (str(config) in err or "--seed" in message), err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--config", str(tmp_path / "missing.yaml"), "--output_dir", str(tmp_path)])
+    assert "missing.yaml is not a file" in capsys.readouterr().err
