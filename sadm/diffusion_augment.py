@@ -14,7 +14,9 @@ logits. Everything below reproduces the official code (`diffusion-stylegan2/trai
   with r_d the mean sign of the real logits since the last adjustment; then T and the t-table are rebuilt (the
   table is re-drawn at every adjustment, also when T does not change or p is frozen);
 - the t-table: round(clean_fraction·table_size) zero slots, the rest drawn with replacement from π over 1..T
-  (`priority`: π_k ∝ k − 1, so t = 1 is never drawn; `uniform`: π_k = 1/T); a sample's t is a uniform pick from it.
+  (`priority`: π_k ∝ k − 1, so t = 1 is never drawn; `uniform`: π_k = 1/T; `logit_normal` (ours, SD3's timestep
+  density): π_k ∝ the standard logit-normal density at u = k / (T + 1), most mass at mid noise, little at either end);
+  a sample's t is a uniform pick from it.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ DIFFUSION_GAN_PRESETS: dict[str, dict] = {
 }
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TS_DISTS = ("priority", "uniform")
+TS_DISTS = ("priority", "uniform", "logit_normal")
 T_TABLES = ("stylegan2", "projected_gan")
 
 
@@ -159,7 +161,8 @@ class AdaptiveDiffusion(torch.nn.Module):
         t_min (`int`, defaults to 10): smallest T (at p = 0).
         t_max (`int`, defaults to 1000): largest T (at p = 1).
         noise_std (`float`, defaults to 0.05): σ, the scale of the Gaussian noise.
-        ts_dist (`str`, defaults to `"priority"`): π over 1..T, `priority` (∝ t − 1) or `uniform`.
+        ts_dist (`str`, defaults to `"priority"`): π over 1..T, `priority` (∝ t − 1), `uniform` or `logit_normal`
+            (∝ the standard logit-normal density at t / (T + 1)).
         target (`float`, defaults to 0.6): d_target for r_d = E[sign(D(y_real))], in (−1, 1).
         ada_interval (`int`, defaults to 4): discriminator steps between adjustments of p.
         ada_kimg (`float`, defaults to 100): thousands of real samples for p to move by 1.
@@ -274,6 +277,9 @@ class AdaptiveDiffusion(torch.nn.Module):
         if num_noised > 0:
             if self.ts_dist == "priority":
                 weights = torch.arange(T, dtype=torch.float64)  # π_k ∝ k − 1 for k = 1..T
+            elif self.ts_dist == "logit_normal":
+                u = torch.arange(1, T + 1, dtype=torch.float64) / (T + 1)
+                weights = torch.exp(-0.5 * torch.logit(u) ** 2) / (u * (1 - u))  # N(0, 1) density of logit(u)
             else:
                 weights = torch.ones(T, dtype=torch.float64)  # π_k = 1/T
             draws = torch.multinomial(weights, num_noised, replacement=True, generator=self.table_generator)

@@ -143,6 +143,17 @@ def test_priority_never_draws_one_and_favours_large_t():
         t_min=5, t_max=30, ts_dist="uniform", table_size=3000, clean_fraction=0.0, initial_p=1.0
     )
     assert (uniform.timestep_table == 1).any()
+    # logit-normal: the mode at mid noise, symmetric ends, and the density the docstring states
+    logit_normal = AdaptiveDiffusion(
+        t_min=5, t_max=39, ts_dist="logit_normal", table_size=20000, clean_fraction=0.0, initial_p=1.0
+    )
+    counts = torch.bincount(logit_normal.timestep_table, minlength=40).double()[1:]
+    u = torch.arange(1, 40, dtype=torch.float64) / 40
+    expected = torch.exp(-0.5 * torch.logit(u) ** 2) / (u * (1 - u))
+    expected = expected / expected.sum() * counts.sum()
+    assert ((counts - expected).abs() < 4 * expected.sqrt() + 1).all()
+    low, mid, high = counts[:9].sum(), counts[15:24].sum(), counts[-9:].sum()
+    assert mid > 2.5 * max(low, high) and (low - high).abs() < 4 * low.sqrt()
 
 
 def test_projected_gan_table_grows_with_p():
