@@ -104,6 +104,12 @@ ARMS.update({
     "ft_sadm_mmd_psn": ("train_sadm.py", [*ARMS["ft_sadm_mmd"][1], *PSN]),
     "ft_gan_r03_psn": ("train_sadm.py", [*ARMS["ft_gan_r03"][1], *PSN]),
 })  # fmt: skip
+# Issue 14's second target (pre-registered in docs/BENCHMARKS.md): the recommended GAN term together with SADM's
+# consistent critic, each term's λ from its own gradient-norm rule (GAN 0.3x, structure 0.1x the DSM gradient).
+ARMS["ft_gan_r03+sadm_mmd"] = (
+    "train_sadm.py",
+    [*FINETUNE, "--gan_loss_weight", "100", "--gan_warmup_steps", "100", "--gan_grad_ratio", "0.3", *MMD, *ADAPTIVE],
+)
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
 # --max_train_steps for 0.5-2 Mimg (batch 32: 15,625-62,500 steps); ada_kimg stays the paper's 100, which p can
