@@ -105,10 +105,11 @@ ARMS.update({
     "ft_gan_r03_psn": ("train_sadm.py", [*ARMS["ft_gan_r03"][1], *PSN]),
 })  # fmt: skip
 # Issue 14's second target (pre-registered in docs/BENCHMARKS.md): the recommended GAN term together with SADM's
-# consistent critic, each term's λ from its own gradient-norm rule (GAN 0.3x, structure 0.1x the DSM gradient).
-ARMS["ft_gan_r03+sadm_mmd"] = (
+# consistent critic, each term's λ from its own gradient-norm rule (GAN 0.3x, structure 0.1x the DSM gradient), with
+# the per-sample streams so that it pairs with ft_gan_r03_psn and ft_dsm_psn on the same bases.
+ARMS["ft_gan_r03+sadm_mmd_psn"] = (
     "train_sadm.py",
-    [*FINETUNE, "--gan_loss_weight", "100", "--gan_warmup_steps", "100", "--gan_grad_ratio", "0.3", *MMD, *ADAPTIVE],
+    [*FINETUNE, "--gan_loss_weight", "100", "--gan_warmup_steps", "100", "--gan_grad_ratio", "0.3", *MMD, *ADAPTIVE, *PSN],
 )
 # Diffusion-GAN with networks fit for small data (issue 15; not yet run): the native 8x8 digits, the residual D with
 # minibatch std (0.58 M parameters), two convolutions per generator resolution, a 10 kimg EMA half-life. Give them
