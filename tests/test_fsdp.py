@@ -154,13 +154,13 @@ def fsdp_run(out, data_dir, steps: int, *flags: str):
 def test_single_process_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, terms):
     data_dir = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=8, mode="L")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    fsdp_run(straight, data_dir, 4, *TERMS[terms])
     fsdp_run(resumed, data_dir, 2, *TERMS[terms])
     second = fsdp_run(resumed, data_dir, 4, *TERMS[terms], "--resume_from_checkpoint", "latest")
     assert "Resuming from" in second.stdout + second.stderr
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-4"]
 
     subs = ["transformer"] + (["discriminator", "timestep_discriminator"] if terms != "dsm" else [])
-    for checkpoint in list_checkpoints(straight):
+    for checkpoint in list_checkpoints(resumed):
         assert (checkpoint / "pytorch_model_fsdp.bin").exists()  # accelerate's FSDP save path ran, not a plain one
         # the save hook's folder holds the gathered full weights: equal to accelerate's FULL_STATE_DICT file
         fsdp_state = torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu", weights_only=True)
@@ -173,7 +173,14 @@ def test_single_process_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, te
             state = load_file(str(checkpoint / sub / "diffusion_pytorch_model.safetensors"))
             assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), sub
 
-    # the resumed run continues the straight one: closer to it than 5% of what its last two steps moved
+    pipe = DiffusionPipeline.from_pretrained(resumed).to("cuda")
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and bool(torch.isfinite(torch.from_numpy(images)).all())
+    if terms != "dsm":  # the exactness of the resume is checked once (the GPU check has a time budget)
+        return
+    # the resumed run continues an uninterrupted one: closer to it than 5% of what its last two steps moved
+    # (CUDA kernels need not be bitwise deterministic, e.g. the atomics of the label embedding's backward)
+    fsdp_run(straight, data_dir, 4, *TERMS[terms])
     for sub in subs:
         name = f"{sub}/diffusion_pytorch_model.safetensors"
         a, b = load_file(str(straight / "checkpoint-4" / name)), load_file(str(resumed / "checkpoint-4" / name))
@@ -181,7 +188,3 @@ def test_single_process_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, te
         moved = max((a[k].float() - before[k].float()).abs().max().item() for k in a)
         gap = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
         assert moved > 0 and gap <= 0.05 * moved, (sub, gap, moved)
-
-    pipe = DiffusionPipeline.from_pretrained(resumed).to("cuda")
-    images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images
-    assert images.shape == (2, 8, 8, 1) and bool(torch.isfinite(torch.from_numpy(images)).all())
