@@ -5,6 +5,9 @@ accelerate (1.16) runs FSDP on GPUs only (its state picks `DistributedType.FSDP`
 the hooks are driven by a stand-in accelerator; the real run is `test_single_process_fsdp_...` (scripts/gpu_check.sh).
 """
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -128,6 +131,33 @@ def test_the_single_gpu_fsdp_config_is_valid_for_launch_and_wraps_every_model():
     )
     for model in two_models(seed=0):  # the prepare order of train_sadm.py: transformer first
         plugin.set_auto_wrap_policy(model)
+
+
+@pytest.mark.slow  # two processes over gloo: ~20 s here
+def test_save_hook_on_real_fsdp1_shards_of_two_processes_writes_the_full_trained_weights(tmp_path):
+    """tests/fsdp_hooks_worker.py: torch's FSDP1 on 2 CPU processes with fsdp.yaml's strategy and wrapping."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    strategy = load_config_from_file(str(REPO / "configs" / "accelerate" / "fsdp.yaml")).fsdp_config[
+        "fsdp_sharding_strategy"
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(REPO / "tests" / "fsdp_hooks_worker.py"), str(tmp_path), strategy]  # fmt: skip
+    result = subprocess.run(worker, capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+    assert result.returncode == 0, result.stderr[-4000:]
+    local = torch.load(tmp_path / "local_rank0.pt", weights_only=True)
+    assert any(v.dim() == 1 and "norm" not in k and "bias" not in k for k, v in local.items())  # flat shards
+    initial = build_dit("tiny", sample_size=8, in_channels=1, num_classes=2, seed=0).state_dict()
+    for name, cls in (("transformer", DiTTransformer2DModel), ("discriminator", StructureDiscriminator)):
+        reference = torch.load(tmp_path / "reference" / f"{name}.pt", weights_only=True)
+        written = cls.from_pretrained(tmp_path / "checkpoint" / name).state_dict()
+        assert written.keys() == reference.keys()
+        for key in reference:  # gradients averaged over 2 identical batches: the same AdamW step as one process
+            torch.testing.assert_close(written[key], reference[key], rtol=0, atol=1e-6, msg=f"{name}.{key}")
+    moved = max((reference_t - initial[k]).abs().max().item() for k, reference_t in
+                torch.load(tmp_path / "reference" / "transformer.pt", weights_only=True).items())  # fmt: skip
+    assert moved > 1e-3  # the step changed the weights: the written ones are the trained ones
 
 
 # ---------------------------------------------------------------------------------------------- on one CUDA device
