@@ -2,10 +2,11 @@
 # The GPU check: everything the CPU test suite cannot show, in <= 8 minutes on ONE CUDA device.
 #   bash scripts/gpu_check.sh            # after `bash scripts/setup.sh`; PYTHON=... picks another interpreter
 # Parts, each with its own time limit (seconds; the sum is 465):
-#   gpu_tests  (250)  pytest -m gpu: bf16, fp16 + GradScaler, fused AdamW, SDPA kernels, torch.compile
-#                     (tests/test_gpu.py), and single-process FSDP through accelerate's FSDP plugin
+#   gpu_tests  (140)  pytest -m gpu (all but tests/test_fsdp.py): bf16, fp16 + GradScaler, fused AdamW, SDPA
+#                     kernels, torch.compile (tests/test_gpu.py)
+#   fsdp       (110)  pytest -m gpu tests/test_fsdp.py: single-process FSDP through accelerate's FSDP plugin
 #                     (configs/accelerate/fsdp_1gpu.yaml): train, checkpoint (gathered full state dict), resume,
-#                     export, sample (tests/test_fsdp.py)
+#                     export, sample; DSM and SADM + Diffusion-GAN
 #   speed_B2   (75)   benchmark_speed.py, DiT-B/2 at 32x32x4 latents (256 px images), batch 32, bf16:
 #                     bare loop, dsm, +SADM structure term, +Diffusion-GAN term, both; img/s and peak CUDA memory
 #   speed_XL2  (120)  the same for DiT-XL/2
@@ -55,7 +56,9 @@ part() {
   fi
 }
 
-part gpu_tests 250 "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml "$LOG/gpu_tests.xml" -rfEs
+PYTEST=("$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfEs)
+part gpu_tests 140 "${PYTEST[@]}" tests --ignore tests/test_fsdp.py --junitxml "$LOG/gpu_tests_1.xml"
+part fsdp 110 "${PYTEST[@]}" tests/test_fsdp.py --junitxml "$LOG/gpu_tests_2_fsdp.xml"
 
 SPEED=(scripts/benchmark_speed.py --device cuda --mixed_precision bf16 --spaces latent --latent_size 32
   --batch_size 32 --arms bare dsm sadm gan both --steps 10 --warmup_steps 3 --repeats 1

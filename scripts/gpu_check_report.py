@@ -3,8 +3,8 @@
 
     python scripts/gpu_check_report.py --log_dir runs/gpu_check --docs docs/PERFORMANCE.md
 
-Reads `parts.tsv` (one `name<TAB>exit status<TAB>seconds` line per part of the check), `gpu_tests.xml` (pytest's
-JUnit report of `pytest -m gpu`) and every `benchmark_*.md` (the blocks `benchmark_speed.py --write_docs` wrote), and
+Reads `parts.tsv` (one `name<TAB>exit status<TAB>seconds` line per part of the check), every `gpu_tests*.xml`
+(pytest's JUnit reports of the `pytest -m gpu` parts) and every `benchmark_*.md` (the blocks `benchmark_speed.py --write_docs` wrote), and
 replaces the `## GPU` section (up to the next `## ` heading; appended when there is none) with the date, the device,
 the library versions, each part's status and time, each GPU test's outcome (the FSDP run among them) and the speed
 tables. A part that failed or timed out is reported as such; its missing output is named, not invented.
@@ -91,7 +91,7 @@ def case_id(name: str) -> str:
 
 def section_text(log_dir: Path, machine: str, date: str) -> str:
     parts = read_parts(log_dir / "parts.tsv")
-    tests = read_tests(log_dir / "gpu_tests.xml")
+    tests = [test for path in sorted(log_dir.glob("gpu_tests*.xml")) for test in read_tests(path)]
     lines = [
         SECTION,
         "",
@@ -106,7 +106,9 @@ def section_text(log_dir: Path, machine: str, date: str) -> str:
         "",
     ]
     fsdp = [t for t in tests if "fsdp" in t["name"]]
-    if fsdp:
+    if not fsdp:
+        lines += ["FSDP: no result (the fsdp part wrote no test report; see its log).", ""]
+    else:
         results = "; ".join(
             f"{case_id(t['name'])} {t['outcome']}" + (f" ({t['message']})" if t["message"] else "") for t in fsdp
         )
@@ -122,7 +124,7 @@ def section_text(log_dir: Path, machine: str, date: str) -> str:
             note = f": {t['message']}" if t["message"] and t["outcome"] != "passed" else ""
             lines.append(f"| `{t['name']}` | {t['outcome']}{note} | {t['seconds']:.1f} |")
     else:
-        lines.append("No test report (gpu_tests.xml is missing: the pytest part did not finish).")
+        lines.append("No test report (no gpu_tests*.xml: the pytest parts did not finish).")
     lines += ["", "### Training speed (`benchmark_speed.py`, bf16)", ""]
     fragments = sorted(log_dir.glob("benchmark_*.md"))
     if not fragments:
