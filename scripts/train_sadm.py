@@ -919,6 +919,7 @@ def main(
     accelerator.wait_for_everyone()
     sharded = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
     gathered = full_state_dict(accelerator, model) if sharded else None  # collective; no EMA here (check_fsdp)
+    disc_states = [full_state_dict(accelerator, term.discriminator) if sharded else None for term in terms]
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
         if gathered is not None:  # this process's module holds its shard only: export the gathered weights
@@ -933,8 +934,8 @@ def main(
         def write(folder: str) -> None:
             pipeline.save_pretrained(folder)
             copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
-            for term in terms:  # next to the pipeline, loadable with the discriminator's from_pretrained
-                term.save_pretrained(folder)
+            for term, state in zip(terms, disc_states):  # next to the pipeline, loadable with from_pretrained
+                term.save_pretrained(folder, state)
             data = args.dataset_name or args.train_data_dir or "the embedded scikit-learn digits (8x8, 10 classes)"
             write_model_card(
                 folder,

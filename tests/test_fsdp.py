@@ -84,6 +84,21 @@ def test_fsdp_load_hook_leaves_the_models_to_accelerate(tmp_path):
     accelerator.load_hooks[0]([], str(tmp_path))  # an empty folder: any read would fail
 
 
+def test_a_term_exports_the_gathered_discriminator_weights_when_given(tmp_path):
+    """The export under FSDP with several processes passes each term its discriminator's gathered weights."""
+    from sadm.structure import StructureConfig
+    from sadm.terms import StructureTerm
+
+    local, gathered = two_models(seed=0)[1], two_models(seed=1)[1].state_dict()
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    term = StructureTerm(StructureConfig(weight=0.1), local, torch.optim.AdamW(local.parameters()), accelerator)
+    term.save_pretrained(str(tmp_path / "gathered"), gathered)
+    term.save_pretrained(str(tmp_path / "own"))
+    for folder, expected in (("gathered", gathered), ("own", local.state_dict())):
+        written = StructureDiscriminator.from_pretrained(tmp_path / folder / term.model_name).state_dict()
+        assert all(torch.equal(written[k], expected[k]) for k in expected), folder
+
+
 def test_full_state_dict_is_the_plain_state_dict_without_fsdp():
     model = build_dit("tiny", sample_size=8, in_channels=1, num_classes=2, seed=0)
     accelerator = SimpleNamespace(distributed_type=DistributedType.NO, unwrap_model=lambda m: m)
