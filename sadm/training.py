@@ -215,13 +215,16 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def check_fsdp(accelerator: Accelerator, trainable: str, use_ema: bool) -> None:
+def check_fsdp(
+    accelerator: Accelerator, trainable: str, use_ema: bool, validation_steps: int = 0, eval_steps: int = 0
+) -> None:
     """Stop, before any model is built, on the FSDP setups the training scripts do not handle.
 
     The scripts keep the trained parameters (EMA, weight swaps, export) as the tensors they were before `prepare`:
     FSDP1 with `use_orig_params` keeps those objects (the accelerate configs under configs/accelerate/ set it),
     FSDP2 replaces them with DTensors. With several processes each one holds only its shard of every parameter, which
-    a full-size EMA cannot follow; parameter-efficient fine-tuning saves parameters by name from the unsharded module.
+    a full-size EMA cannot follow, nor can the validation and evaluation samplers run the unwrapped module;
+    parameter-efficient fine-tuning saves parameters by name from the unsharded module.
     """
     if accelerator.distributed_type != DistributedType.FSDP:
         return
@@ -242,6 +245,12 @@ def check_fsdp(accelerator: Accelerator, trainable: str, use_ema: bool) -> None:
             f"--use_ema under FSDP with {accelerator.num_processes} processes: each process holds a shard of every "
             "parameter, which the full-size EMA cannot follow. Use --no-use_ema with FSDP, or DDP (the EMA works with "
             "a single FSDP process, as in scripts/gpu_check.sh)."
+        )
+    if (validation_steps or eval_steps) and accelerator.num_processes > 1:
+        raise ValueError(
+            f"--validation_steps {validation_steps} / --eval_steps {eval_steps} under FSDP with "
+            f"{accelerator.num_processes} processes: the samplers run the unwrapped model, whose parameters are "
+            "sharded. Pass --validation_steps 0 --eval_steps 0 and evaluate the export (scripts/evaluate.py)."
         )
 
 

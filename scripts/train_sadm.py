@@ -602,7 +602,7 @@ def main(
     the caller) reports a SIGTERM/SIGUSR1, the run checkpoints at that optimizer step and returns without exporting."""
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
-    check_fsdp(accelerator, args.trainable, args.use_ema)
+    check_fsdp(accelerator, args.trainable, args.use_ema, args.validation_steps, args.eval_steps)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 

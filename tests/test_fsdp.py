@@ -124,6 +124,9 @@ def test_unsupported_fsdp_setups_stop_with_the_reason():
     ):
         with pytest.raises(ValueError, match=message):
             check_fsdp(accelerator, trainable, use_ema)
+    check_fsdp(fsdp(), "full", use_ema=True, validation_steps=100, eval_steps=100)  # one process: it samples
+    with pytest.raises(ValueError, match="--validation_steps 100 / --eval_steps 0"):
+        check_fsdp(fsdp(num_processes=8), "full", use_ema=False, validation_steps=100)
 
 
 def test_the_single_gpu_fsdp_config_is_valid_for_launch_and_wraps_every_model():
