@@ -206,9 +206,15 @@ class AdversarialTerm:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def save_pretrained(self, folder: str) -> None:
-        """Write the discriminator (and what it needs) next to an exported pipeline."""
-        self.unwrapped.save_pretrained(os.path.join(folder, self.model_name))
+    def save_pretrained(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the discriminator (and what it needs) next to an exported pipeline; `state`: its weights gathered
+        beforehand (`sadm.training.full_state_dict`, FSDP with several processes), else the module's own."""
+        if state is None:
+            self.unwrapped.save_pretrained(os.path.join(folder, self.model_name))
+        else:
+            from sadm.training import save_pretrained_state
+
+            save_pretrained_state(self.unwrapped, state, os.path.join(folder, self.model_name))
 
     def _accumulating(self, sync: bool):
         return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.discriminator)
@@ -398,6 +404,6 @@ class DiffusionGANTerm(AdversarialTerm):
     def load_state_dict(self, state: dict) -> None:
         self.d_step = state["d_step"]
 
-    def save_pretrained(self, folder: str) -> None:
-        super().save_pretrained(folder)
+    def save_pretrained(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().save_pretrained(folder, state)
         torch.save(self.diffusion.state_dict(), os.path.join(folder, self.model_name, f"{self.state_name}.pt"))

@@ -222,6 +222,45 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
+def check_fsdp(
+    accelerator: Accelerator, trainable: str, use_ema: bool, validation_steps: int = 0, eval_steps: int = 0
+) -> None:
+    """Stop, before any model is built, on the FSDP setups the training scripts do not handle.
+
+    The scripts keep the trained parameters (EMA, weight swaps, export) as the tensors they were before `prepare`:
+    FSDP1 with `use_orig_params` keeps those objects (the accelerate configs under configs/accelerate/ set it),
+    FSDP2 replaces them with DTensors. With several processes each one holds only its shard of every parameter, which
+    a full-size EMA cannot follow, nor can the validation and evaluation samplers run the unwrapped module;
+    parameter-efficient fine-tuning saves parameters by name from the unsharded module.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP2 (fsdp_version: 2) replaces the parameters with DTensors in accelerator.prepare, while the EMA and "
+            "the export hold on to the original ones: use fsdp_version: 1 (configs/accelerate/fsdp.yaml)."
+        )
+    if not accelerator.state.fsdp_plugin.use_orig_params:
+        raise ValueError(
+            "FSDP without use_orig_params flattens the parameters that the EMA, the discriminator optimizers and the "
+            "export use: set fsdp_use_orig_params: true in the accelerate config (configs/accelerate/fsdp.yaml)."
+        )
+    if trainable != "full":
+        raise ValueError(f"--trainable {trainable} is not supported under FSDP: use --trainable full, or DDP.")
+    if use_ema and accelerator.num_processes > 1:
+        raise ValueError(
+            f"--use_ema under FSDP with {accelerator.num_processes} processes: each process holds a shard of every "
+            "parameter, which the full-size EMA cannot follow. Use --no-use_ema with FSDP, or DDP (the EMA works with "
+            "a single FSDP process, as in scripts/gpu_check.sh)."
+        )
+    if (validation_steps or eval_steps) and accelerator.num_processes > 1:
+        raise ValueError(
+            f"--validation_steps {validation_steps} / --eval_steps {eval_steps} under FSDP with "
+            f"{accelerator.num_processes} processes: the samplers run the unwrapped model, whose parameters are "
+            "sharded. Pass --validation_steps 0 --eval_steps 0 and evaluate the export (scripts/evaluate.py)."
+        )
+
+
 def check_distributed(accelerator: Accelerator) -> None:
     """Several processes started without a distributed backend train unrelated copies silently: stop instead.
 
@@ -463,6 +502,43 @@ def load_train_state(checkpoint: Path) -> dict:
         return json.load(f)
 
 
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state dict of a prepared model, with the keys of the unwrapped model.
+
+    Under FSDP this is a collective: call it on every process (with several processes only the main one gets the
+    tensors, in CPU memory; the others get an empty dict). FSDP1 gathers with `FULL_STATE_DICT`, offloading to the CPU
+    only with several processes (torch refuses the offload for the `NO_SHARD` it uses on a single process, which
+    `accelerator.get_state_dict` would ask for); FSDP2 through `accelerator.get_state_dict`. Other setups: the
+    unwrapped model's `state_dict()`.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(model).state_dict()
+    if accelerator.is_fsdp2:
+        return accelerator.get_state_dict(model)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    several = accelerator.num_processes > 1
+    config = FullStateDictConfig(offload_to_cpu=several, rank0_only=several)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        state = model.state_dict()
+    prefix = "_orig_mod."  # a compiled module's keys, as `unwrap_model` strips the compile wrapper
+    return {key.removeprefix(prefix): value for key, value in state.items()}
+
+
+def save_pretrained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: str) -> None:
+    """What `model.save_pretrained(folder)` writes (config and safetensors weights), with the weights taken from `state`
+    (e.g. gathered from FSDP shards, where the module itself only holds this process's shard)."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    # (no `model.state_dict()` here: under FSDP that is itself a collective, and this runs on the main process only)
+    os.makedirs(folder, exist_ok=True)
+    model.save_config(folder)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    save_file(tensors, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
 def register_model_hooks(
     accelerator: Accelerator,
     names: list[str],
@@ -476,6 +552,11 @@ def register_model_hooks(
     Models named in `trainable_only` (parameter-efficient fine-tuning) save only their trained parameters, by name, in
     `<name>/trainable.safetensors`; the frozen rest is rebuilt from the pretrained weights on resume. An EMA built without
     a `model_cls` (one over the trained parameters only) is saved as its state dict, `<ema_name>/ema_state.pt`.
+
+    Under FSDP (`accelerate launch --config_file configs/accelerate/fsdp*.yaml`) the folders hold the gathered full
+    weights (`full_state_dict`, gathered by every process, written by the main one), so a checkpoint's model folders
+    load with `from_pretrained` whatever the sharding; accelerate itself saves and loads the FSDP models and
+    optimizers (`pytorch_model_fsdp*.bin`, `optimizer*.bin`) and resumes from those.
     """
     from safetensors.torch import load_file, save_file
 
@@ -492,12 +573,17 @@ def register_model_hooks(
             weights.pop()
 
     def _save_models(models, output_dir):
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        # FSDP: every process takes part in gathering each model's full state dict (a collective), the main one writes
+        gathered = [full_state_dict(accelerator, model) for model in models] if fsdp else [None] * len(models)
         if accelerator.is_main_process:
-            for name, model in zip(names, models):
+            for name, model, state in zip(names, models, gathered):
                 model = accelerator.unwrap_model(model)
                 if name in trainable_only:
                     os.makedirs(os.path.join(output_dir, name), exist_ok=True)
                     save_file(trained(model), os.path.join(output_dir, name, TRAINABLE_WEIGHTS_NAME))
+                elif state is not None:
+                    save_pretrained_state(model, state, os.path.join(output_dir, name))
                 else:
                     model.save_pretrained(os.path.join(output_dir, name))
             if ema is not None and ema.model_cls is None:
@@ -507,6 +593,7 @@ def register_model_hooks(
                 ema.save_pretrained(os.path.join(output_dir, ema_name))
 
     def load_hook(models, input_dir):
+        # FSDP: accelerate loads the models itself (its full-state-dict `pytorch_model_fsdp*.bin`) and passes none here
         for name, model in zip(names, list(models)):
             model = accelerator.unwrap_model(model)
             if name in trainable_only:

@@ -3,6 +3,7 @@
 
     python scripts/benchmark_speed.py                      # CPU: tiny and DiT-S/2, pixel and latent (<= 10 min)
     python scripts/benchmark_speed.py --device cuda --mixed_precision bf16 --presets DiT-S/2 DiT-B/2 --latent_size 32
+    bash scripts/gpu_check.sh                             # DiT-B/2 and DiT-XL/2 at 32x32x4 latents, batch 32
 
 Training arms, per (preset, space) configuration, all with the same model, batch, optimizer and data:
 
@@ -27,8 +28,9 @@ not absolute values).
 Sampling: `SADMDiTPipeline` vs diffusers' `DiTPipeline` on the same 1000-class latent DiT, the same tiny random
 `AutoencoderKL`, the same DDPM scheduler, steps and guidance scale, interleaved the same way.
 
-The table goes to stdout, the last line is JSON with the headline ratios (the small preset, latent), and
-`--write_docs` rewrites the results section of docs/PERFORMANCE.md.
+The table (median step time, img/s, ratios, peak memory) goes to stdout, the last line is JSON with the headline
+ratios (the small preset, latent) and every configuration's step times, img/s and peak MiB, and `--write_docs`
+rewrites the results block of docs/PERFORMANCE.md (a CUDA run its own block, never the CPU one).
 """
 
 from __future__ import annotations
@@ -393,6 +395,8 @@ def main(args: argparse.Namespace) -> dict:
         "configs": {
             f"{r['preset']} {r['space']}": {
                 **{f"{a}_ms": round(1000 * r["median_s"][a], 3) for a in r["median_s"]},
+                **{f"{a}_img_per_s": round(r["batch"] / r["median_s"][a], 2) for a in r["median_s"]},
+                **{f"{a}_peak_mib": round(r["peak_bytes"][a] / 2**20, 1) for a in r["median_s"]},
                 **{f"{a}_over_dsm": round(r["median_s"][a] / r["median_s"]["dsm"], 4) for a in r["median_s"]},
             }
             for r in results
@@ -408,15 +412,16 @@ def main(args: argparse.Namespace) -> dict:
 def format_table(results: list[dict], args, sampling: dict[str, float]) -> str:
     memory_name = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     lines = [
-        f"| config | batch | arm | median step ms | × bare | × dsm | {memory_name} |",
-        "|---|---|---|---|---|---|---|",
+        f"| config | batch | arm | median step ms | img/s | × bare | × dsm | {memory_name} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = f"{r['preset']} {r['space']} {r['channels']}x{r['size']}x{r['size']}"
         for arm, seconds in r["median_s"].items():
             lines.append(
-                f"| {name} | {r['batch']} | {arm} | {1000 * seconds:.1f} | {seconds / r['median_s']['bare']:.3f} | "
-                f"{seconds / r['median_s']['dsm']:.3f} | {r['peak_bytes'][arm] / 2**20:.0f} |"
+                f"| {name} | {r['batch']} | {arm} | {1000 * seconds:.1f} | {r['batch'] / seconds:.1f} | "
+                f"{seconds / r['median_s']['bare']:.3f} | {seconds / r['median_s']['dsm']:.3f} | "
+                f"{r['peak_bytes'][arm] / 2**20:.0f} |"
             )
     preset = args.sample_preset or args.presets[-1]
     lines += [
@@ -433,16 +438,22 @@ def format_table(results: list[dict], args, sampling: dict[str, float]) -> str:
 
 
 RESULTS_START, RESULTS_END = "<!-- benchmark_speed results start -->", "<!-- benchmark_speed results end -->"
+# a CUDA run has a block of its own, so that it never replaces the CPU results (scripts/gpu_check.sh)
+GPU_RESULTS_START = "<!-- benchmark_speed gpu results start -->"
+GPU_RESULTS_END = "<!-- benchmark_speed gpu results end -->"
 
 
 def write_docs(args, table: str, summary: dict) -> None:
-    """Replace the results block of the markdown file (or append one) with this run's command, machine and table."""
+    """Replace the results block of the markdown file (or append one) with this run's command, machine and table.
+
+    CPU and CUDA runs write separate blocks (`RESULTS_*`, `GPU_RESULTS_*`)."""
+    start, end = (GPU_RESULTS_START, GPU_RESULTS_END) if args.device == "cuda" else (RESULTS_START, RESULTS_END)
     path = Path(args.write_docs)
     command = "python scripts/benchmark_speed.py " + " ".join(sys.argv[1:])
     ratios = ", ".join(f"{k} {summary[k]:.3f}" for k in (*HEADLINE_RATIOS, "sampler_over_diffusers") if k in summary)
     block = "\n".join(
         [
-            RESULTS_START,
+            start,
             f"Command: `{command}`",
             "",
             f"Machine: {machine_description(args.device)}; mixed precision: {args.mixed_precision}; "
@@ -451,13 +462,13 @@ def write_docs(args, table: str, summary: dict) -> None:
             table,
             "",
             f"Headline ({summary['headline']}): {ratios}.",
-            RESULTS_END,
+            end,
         ]
     )
     text = path.read_text() if path.exists() else "# Performance\n"
-    if RESULTS_START in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_START, 1)
-        text = before + block + rest.split(RESULTS_END, 1)[1]
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -97,10 +97,12 @@ from sadm.training import (
     add_training_args,
     add_validation_args,
     assert_finite_parameters,
+    check_fsdp,
     check_optimizer_args,
     check_output_dir,
     copy_pipeline_file,
     dataclass_from_args,
+    full_state_dict,
     make_accelerator,
     make_dataloader,
     parse_args_with_config,
@@ -601,6 +603,7 @@ def main(
     the caller) reports a SIGTERM/SIGUSR1, the run checkpoints at that optimizer step and returns without exporting."""
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = make_accelerator(args)
+    check_fsdp(accelerator, args.trainable, args.use_ema, args.validation_steps, args.eval_steps)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -915,8 +918,14 @@ def main(
 
     # ---- export: a pipeline folder with EMA weights, a model card and a pipeline.py
     accelerator.wait_for_everyone()
+    sharded = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
+    gathered = full_state_dict(accelerator, model) if sharded else None  # collective; no EMA here (check_fsdp)
+    disc_states = [full_state_dict(accelerator, term.discriminator) if sharded else None for term in terms]
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
+        if gathered is not None:  # this process's module holds its shard only: export the gathered weights
+            transformer = DiTTransformer2DModel.from_config(transformer.config)
+            transformer.load_state_dict(gathered)
         if ema is not None:
             ema.copy_to(trained_params)
         transformer = merged_dit(transformer)  # DiffFit γ folded, LoRA merged: a plain DiTTransformer2DModel
@@ -926,8 +935,8 @@ def main(
         def write(folder: str) -> None:
             pipeline.save_pretrained(folder)
             copy_pipeline_file(pipeline_sadm_dit.__file__, folder)
-            for term in terms:  # next to the pipeline, loadable with the discriminator's from_pretrained
-                term.save_pretrained(folder)
+            for term, state in zip(terms, disc_states):  # next to the pipeline, loadable with from_pretrained
+                term.save_pretrained(folder, state)
             data = args.dataset_name or args.train_data_dir or "the embedded scikit-learn digits (8x8, 10 classes)"
             write_model_card(
                 folder,

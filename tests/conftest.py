@@ -15,3 +15,13 @@ def sadm_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("sadm_cache")
     os.environ["SADM_CACHE"] = str(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); see scripts/gpu_check.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -22,23 +22,34 @@ def write_class_folder(root: Path, classes=("cat", "dog"), per_class=4, size=8, 
     return root
 
 
-def run_script(script: str, *args: str, launch: bool = True, timeout: int = 300, env: dict | None = None):
-    """Run a script under `accelerate launch` on one CPU process; returns the CompletedProcess."""
+def run_script(
+    script: str,
+    *args: str,
+    launch: bool = True,
+    timeout: int = 300,
+    env: dict | None = None,
+    cpu: bool = True,
+    launch_args: tuple[str, ...] = (),
+):
+    """Run a script under `accelerate launch` on one CPU process; returns the CompletedProcess.
+
+    `cpu=False` launches on the default device (one CUDA device where there is one); `launch_args` go to
+    `accelerate launch` before the script (e.g. `--config_file`, which then replaces the process and precision flags).
+    """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
     if launch:
+        device = ["--cpu"] if cpu else []
+        flags = ["--num_processes", "1", "--num_machines", "1", *device, "--mixed_precision", "no"]
+        if "--config_file" in launch_args:
+            flags = []
         cmd = [
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--cpu",
-            "--mixed_precision",
-            "no",
+            *flags,
             "--dynamo_backend",
             "no",
+            *launch_args,
             str(REPO / "scripts" / script),
             *args,
         ]
