@@ -286,7 +286,7 @@ def _read_manifests(folder: Path, fingerprint: str | None, num_images: int, dtyp
             expected["fingerprint"] = fingerprint
         if dtype is not None:
             expected["dtype"] = dtype
-        bad = [f"{key}={info.get(key)!r} (this run: {value!r})" for key, value in expected.items() if info.get(key) != value]
+        bad = [f"{k}={info.get(k)!r} (this run: {v!r})" for k, v in expected.items() if info.get(k) != v]
         if bad:
             only_dtype = dtype is not None and len(bad) == 1 and info.get("dtype") != dtype
             hint = f"pass --latent_cache_dtype {info.get('dtype')} to use it, or " if only_dtype else ""
@@ -339,8 +339,8 @@ def build_latent_cache(
     `shard-<start>-<stop>.npy`, written batch by batch (peak memory: one batch, whatever the dataset size), then its
     manifest `shard-<start>-<stop>.json` (fingerprint, dtype, shape). The data file is renamed into place before the
     manifest is written, so a killed run leaves no shard that looks finished: a shard without a manifest is rebuilt.
-    A cache that is complete already (from any number of processes) is reused; finished shards are never rewritten. Call
-    it on every process, then wait for all of them (`accelerator.wait_for_everyone()`) before `load_latent_cache`.
+    A cache that is complete already (from any number of processes) is reused; finished shards are never rewritten.
+    Call it on every process, then wait for all of them (`accelerator.wait_for_everyone()`) before `load_latent_cache`.
 
     Args:
         dtype (`str`): how the moments are stored: "float32", or "float16"/"bfloat16" (half the disk and page cache;
