@@ -132,7 +132,8 @@ def test_cached_latents_train_as_uncached_and_resume_exactly(tmp_path, replica, 
         "--output_dir", str(tmp_path / "resumed"),
     )  # fmt: skip
     assert result.returncode == 0 and "Resuming from" in result.stdout + result.stderr, result.stderr[-3000:]
-    assert len(list((tmp_path / "cached" / "latent_cache").glob("latents-*.pt"))) == 1
+    (folder,) = (tmp_path / "cached" / "latent_cache").glob("latents-*")  # one process: one finished shard
+    assert [p.suffix for p in sorted(folder.iterdir())] == [".json", ".npy"]
     cached, resumed = weights(tmp_path / "cached"), weights(tmp_path / "resumed")
     assert all(torch.equal(cached[k], resumed[k]) for k in cached), "a resumed cached run differs"
     # the same flips and posterior noise at every step: the same losses, up to the VAE's batch-size-dependent float
@@ -148,7 +149,7 @@ def test_latent_cache_replays_flips_and_holds_the_flipped_images_moments(tmp_pat
     vae, source = load_vae(None, str(replica), pretrained_components(str(replica)))
     path = build_latent_cache(images, vae, tmp_path / "cache", batch_size=4, disable_progress=True)
     cache = load_latent_cache(path, images)
-    assert len(cache) == len(images) == 9
+    assert len(cache) == len(images) == 9 and path.is_dir() and len(list(path.glob("shard-*.npy"))) == 1
     flips = []
     for key in range(2 * len(images)):  # two epochs of sampler keys
         expected = encode_moments(vae, images[key]["pixel_values"][None])[0]  # the uncached path, flips included
