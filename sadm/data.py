@@ -743,6 +743,23 @@ class ImageLabelDataset(Dataset):
         return item
 
 
+def resolve_num_workers(num_workers: int | None, dataset) -> int:
+    """`--dataloader_num_workers`, or by default what helped in docs/PERFORMANCE.md ("DataLoader workers"): none for
+    datasets whose items are cheap (`items_are_cheap`, the memory-mapped latent cache: a worker's inter-process copy
+    costs more than the read), and for images a quarter of this process's share of the CPU cores (`LOCAL_WORLD_SIZE`
+    processes per machine), i.e. none on a machine with fewer than 4 cores per process, where workers only slowed the
+    image path down by taking cores from the training process.
+    """
+    if num_workers is not None:
+        if num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be >= 0, got {num_workers}.")
+        return num_workers
+    if getattr(dataset, "items_are_cheap", False):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) // 4
+
+
 def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
     pixel_values = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
     labels = torch.stack([e["class_labels"] for e in examples]) if "class_labels" in examples[0] else None

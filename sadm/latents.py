@@ -213,6 +213,8 @@ class LatentCacheDataset(Dataset):
     flip is drawn exactly as `ImageLabelDataset` draws it. Items are float32 whatever the storage dtype.
     """
 
+    items_are_cheap = True  # a memory-map read: DataLoader workers would only add their copies (`resolve_num_workers`)
+
     def __init__(self, moments: torch.Tensor | ShardedMoments, images):
         self.moments = moments
         self.images = images  # the pixel dataset: labels, flip rule, augment seed

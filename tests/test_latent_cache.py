@@ -200,3 +200,18 @@ def test_image_scan_is_recorded_once_and_redone_when_a_file_changes(tmp_path, mo
     with pytest.warns(UserWarning, match=r"dropped 1 of 7 image.*bad\.png.*recorded in"):
         assert len(load_train_dataset(skip)) == 6
     assert collate_fn([first[0]])["pixel_values"].shape == (1, 3, 8, 8)
+
+
+def test_default_dataloader_workers(monkeypatch, tmp_path, images, vae):
+    from sadm.data import resolve_num_workers
+
+    cache = load_latent_cache(build(images, vae, tmp_path / "c"), images)
+    monkeypatch.setattr(sadm.data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_num_workers(None, cache) == 0 and resolve_num_workers(None, images) == 2
+    assert resolve_num_workers(3, cache) == 3
+    monkeypatch.setattr(sadm.data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert resolve_num_workers(None, images) == 0  # this 2-core machine: the measured best
+    with pytest.raises(ValueError, match=r"--dataloader_num_workers must be >= 0, got -1"):
+        resolve_num_workers(-1, images)
