@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loader_workers", type=int, nargs="*", default=[], help="Worker counts to time.")
     parser.add_argument("--loader_batch_size", type=int, default=64)
     parser.add_argument("--work_dir", type=str, default=None, help="Default: a temporary folder, removed after.")
+    parser.add_argument(
+        "--sd_vae_images", type=int, default=0,
+        help="Also time encoding N 256x256 images and their flips with a random-init VAE of Stable Diffusion's (and "
+        "DiT-XL-2-256's) architecture, to extrapolate the real VAE's cost to ImageNet.",
+    )  # fmt: skip
     parser.add_argument("--_child", type=str, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -68,6 +73,29 @@ def tiny_vae():
         norm_num_groups=8,
         latent_channels=4,
     ).eval()
+
+
+def sd_vae_seconds_per_image(num_images: int) -> float:
+    """Seconds per image (with its flip) of `encode_moments` with the architecture of stabilityai/sd-vae-ft-ema."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sadm.latents import encode_moments
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    ).eval()
+    pixels = torch.rand(num_images, 3, 256, 256) * 2 - 1
+    encode_moments(vae, pixels[:1])  # warm-up
+    start = time.perf_counter()
+    encode_moments(vae, torch.cat([pixels, pixels.flip(-1)]))
+    return (time.perf_counter() - start) / num_images
 
 
 def peak_rss_mib() -> float:
@@ -128,6 +156,12 @@ def child(spec: dict) -> dict:
     return result
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args._child is not None:
@@ -163,12 +197,21 @@ def main(argv=None) -> None:
             for key, value in result.items():
                 if key.endswith("_images_per_s") and "workers" in key:
                     print(f"    DataLoader {key[: -len('_images_per_s')]}: {value:.0f} images/s")
+        if args.sd_vae_images:
+            per_image = sd_vae_seconds_per_image(args.sd_vae_images)
+            print(
+                f"SD-VAE architecture at 256x256: {per_image:.2f} s per image and its flip on this CPU "
+                f"({torch_threads()} thread(s)): {per_image * IMAGENET_TRAIN_IMAGES / 86400:.0f} days for ImageNet"
+            )
         largest = max(results, key=lambda r: r["num_images"])
         extrapolated = {
             "imagenet_build_h": IMAGENET_TRAIN_IMAGES / largest["images_per_s"] / 3600,
             "imagenet_scan_h": largest["scan_s"] / largest["num_images"] * IMAGENET_TRAIN_IMAGES / 3600,
             "imagenet_disk_gib": largest["bytes_per_image"] * IMAGENET_TRAIN_IMAGES / 2**30,
         }
+        if args.sd_vae_images:
+            extrapolated["sd_vae_s_per_image"] = per_image
+            extrapolated["imagenet_sd_vae_days"] = per_image * IMAGENET_TRAIN_IMAGES / 86400
         print(
             f"1 281 167 images (ImageNet train) at the same rate, one process: build "
             f"{extrapolated['imagenet_build_h']:.1f} h, scan {extrapolated['imagenet_scan_h']:.1f} h, "
