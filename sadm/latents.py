@@ -282,7 +282,18 @@ def _read_manifests(folder: Path, fingerprint: str | None, num_images: int, dtyp
     """
     found = []
     for manifest in sorted(folder.glob("shard-*.json")):
-        info = json.loads(manifest.read_text())
+        try:
+            info = json.loads(manifest.read_text())
+            why = None if isinstance(info, dict) else "not a JSON object"
+        except json.JSONDecodeError as error:
+            why = f"JSONDecodeError: {error}"
+        if why is None and (missing := {"start", "stop", "item_shape", "file"} - set(info)):
+            why = f"no {', '.join(sorted(missing))}"
+        if why is not None:
+            raise ValueError(
+                f"The latent cache manifest {manifest} cannot be read ({why}): it is damaged. Delete {folder} to "
+                "rebuild the cache."
+            )
         expected = {"format": CACHE_FORMAT, "num_images": num_images}
         if fingerprint is not None:
             expected["fingerprint"] = fingerprint

@@ -131,6 +131,9 @@ def test_unfinished_and_damaged_shards_are_never_used(tmp_path, images, vae):
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"shard-000000004-000000009\.npy does not match its manifest .*damaged"):
         load_latent_cache(folder, images)
+    (folder / "shard-000000004-000000009.json").write_text("{")
+    with pytest.raises(ValueError, match=r"manifest .*shard-000000004-000000009\.json cannot be read .*damaged"):
+        build(images, vae, tmp_path / "c")
 
 
 def test_a_failed_build_leaves_no_shard(tmp_path, vae):
@@ -146,6 +149,7 @@ def test_a_failed_build_leaves_no_shard(tmp_path, vae):
 def live_tensor_bytes(exclude: set[int]) -> int:
     import gc
 
+    gc.collect()  # only what is still referenced
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
