@@ -219,3 +219,11 @@ def test_default_dataloader_workers(monkeypatch, tmp_path, images, vae):
     assert resolve_num_workers(None, images) == 0  # this 2-core machine: the measured best
     with pytest.raises(ValueError, match=r"--dataloader_num_workers must be >= 0, got -1"):
         resolve_num_workers(-1, images)
+
+
+def test_an_earlier_one_file_cache_still_loads(tmp_path, images, vae):
+    sharded = load_latent_cache(build(images, vae, tmp_path / "c"), images)
+    moments = torch.stack([torch.stack([sharded.moments[i, 0], sharded.moments[i, 1]]) for i in range(len(images))])
+    torch.save(moments, tmp_path / "latents-0123456789abcdef.pt")
+    legacy = load_latent_cache(tmp_path / "latents-0123456789abcdef.pt", images)
+    assert torch.equal(items(legacy), items(sharded))
