@@ -287,8 +287,10 @@ def _read_manifests(folder: Path, fingerprint: str | None, num_images: int, dtyp
             why = None if isinstance(info, dict) else "not a JSON object"
         except json.JSONDecodeError as error:
             why = f"JSONDecodeError: {error}"
-        if why is None and (missing := {"start", "stop", "item_shape", "file"} - set(info)):
+        if why is None and (missing := {"start", "stop", "item_shape", "file", "dtype"} - set(info)):
             why = f"no {', '.join(sorted(missing))}"
+        elif why is None and info["dtype"] not in CACHE_DTYPES:
+            why = f"dtype {info['dtype']!r}"
         if why is not None:
             raise ValueError(
                 f"The latent cache manifest {manifest} cannot be read ({why}): it is damaged. Delete {folder} to "
@@ -324,15 +326,19 @@ def _read_manifests(folder: Path, fingerprint: str | None, num_images: int, dtyp
 
 
 def _tiling(shards: list[dict], num_images: int) -> list[dict] | None:
-    """Shards that cover images 0..N-1 exactly once, in order (the longest shard at each step), or None."""
+    """Shards that cover images 0..N-1 exactly once, in order, or None; shards of several process counts may lie side by
+    side (fewest shards first where there is a choice)."""
+    step = {num_images: None}  # position -> the shard to take there on a path that reaches N
+    for position in sorted({s["start"] for s in shards if s["stop"] <= num_images}, reverse=True):
+        reaching = [s for s in shards if s["start"] == position and s["stop"] in step and s["stop"] > position]
+        if reaching:
+            step[position] = max(reaching, key=lambda s: s["stop"])
+    if 0 not in step:
+        return None
     chosen, position = [], 0
     while position < num_images:
-        candidates = [s for s in shards if s["start"] == position]
-        if not candidates:
-            return None
-        best = max(candidates, key=lambda s: s["stop"])
-        chosen.append(best)
-        position = best["stop"]
+        chosen.append(step[position])
+        position = step[position]["stop"]
     return chosen
 
 

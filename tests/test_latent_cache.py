@@ -227,3 +227,15 @@ def test_an_earlier_one_file_cache_still_loads(tmp_path, images, vae):
     torch.save(moments, tmp_path / "latents-0123456789abcdef.pt")
     legacy = load_latent_cache(tmp_path / "latents-0123456789abcdef.pt", images)
     assert torch.equal(items(legacy), items(sharded))
+
+
+def test_shards_of_several_process_counts_tile_the_cache():
+    from sadm.latents import _tiling
+
+    def spans(shards):
+        tiling = _tiling([{"start": a, "stop": b} for a, b in shards], 12)
+        return None if tiling is None else [(s["start"], s["stop"]) for s in tiling]
+
+    assert spans([(0, 8), (0, 4), (4, 12)]) == [(0, 4), (4, 12)]  # the longer first shard leads nowhere
+    assert spans([(0, 4), (4, 8), (4, 12), (8, 12)]) == [(0, 4), (4, 12)]
+    assert spans([(0, 8), (0, 4)]) is None and spans([]) is None
