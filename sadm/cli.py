@@ -77,7 +77,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         choices=["upscale", "refuse"],
         help="Images smaller than --resolution: resize them up with one warning (upscale) or stop naming one (refuse).",
     )
-    group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes. Default: 0 for cached latents, else a quarter of the CPU cores per process "
+        "(0 below 4 cores), as measured in docs/PERFORMANCE.md.",
+    )
     group.add_argument(
         "--data_cache_dir", type=str, default=None, help="Cache for datasets and the embedded digits folder."
     )

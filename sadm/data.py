@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,9 @@ class DataConfig:
             front; 🤗 dataset rows are checked for labels only (their images decode lazily).
         small_images (`str`): images smaller than `resolution` on their short side are "upscale"d (with one warning
             giving their count) or stop the run naming the first ("refuse", checked up front for every image).
+        scan_cache_dir (`str`, *optional*): where the decoding pass over an image folder (`scan_images`) is recorded,
+            keyed by the file list with sizes and modification times, so that the other processes of a run (and later
+            runs) read the record instead of decoding every file again. `None`: every process decodes every file.
     """
 
     dataset_name: str | None = None
@@ -78,6 +82,7 @@ class DataConfig:
     unconditional: bool = False
     on_bad_image: str = "error"
     small_images: str = "upscale"
+    scan_cache_dir: str | None = None
 
     def __post_init__(self):
         if self.on_bad_image not in ("error", "skip"):
@@ -301,6 +306,43 @@ def scan_images(paths: list[Path], on_bad_image: str = "error") -> dict[int, tup
     return sizes
 
 
+def scan_images_once(
+    paths: list[Path], on_bad_image: str = "error", record_dir: str | os.PathLike | None = None
+) -> dict[int, tuple[int, int]]:
+    """`scan_images`, recorded in `record_dir/image-scan-<key>.json`: the key hashes the paths with their sizes and
+    modification times and `on_bad_image`, so a changed, added or removed file scans the folder again, and a record is
+    only ever written for a scan that passed. A run whose main process scans first (`main_process_first`) decodes every
+    file once instead of once per process. The "skip" warning is repeated from the record.
+    """
+    if record_dir is None:
+        return scan_images(paths, on_bad_image)
+    digest = hashlib.sha256(on_bad_image.encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    record = Path(record_dir) / f"image-scan-{digest.hexdigest()[:16]}.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved["num_files"] == len(paths):
+            if saved["bad"]:
+                warnings.warn(
+                    f"--on_bad_image skip: dropped {len(saved['bad'])} of {len(paths)} image(s) that cannot be read, "
+                    f"e.g. {saved['bad'][:3]} (recorded in {record}).",
+                    stacklevel=2,
+                )
+            return {int(index): tuple(size) for index, size in saved["sizes"]}
+    sizes = scan_images(paths, on_bad_image)  # raises (nothing recorded) at a bad file with "error"
+    bad = [str(paths[i]) for i in range(len(paths)) if i not in sizes]
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".tmp-{record.name}-{os.getpid()}")
+        tmp.write_text(json.dumps({"num_files": len(paths), "sizes": list(sizes.items()), "bad": bad}))
+        os.replace(tmp, record)
+    except OSError as error:  # a read-only cache only costs the other processes a scan of their own
+        logger.warning(f"Could not record the image scan in {record}: {error}")
+    return sizes
+
+
 def image_channels(image: Image.Image) -> int:
     return 1 if image.mode in GRAYSCALE_MODES else 3
 
@@ -401,13 +443,15 @@ class ImageFolderSource(ImageSource):
         label_column: str | None = "label",
         on_bad_image: str = "error",
         max_samples: int | None = None,
+        scan_cache_dir: str | os.PathLike | None = None,
     ):
         files, labels, self.id2label = scan_image_folder(folder, label_column, on_bad_image)
         if max_samples is not None:
             keep = subset_indices(len(files), max_samples)
             files = [files[i] for i in keep]
             labels = [labels[i] for i in keep] if labels is not None else None
-        readable = scan_images(files, on_bad_image)  # one decoding pass: {index: size} of the readable files
+        # one decoding pass (or its record): {index: size} of the readable files
+        readable = scan_images_once(files, on_bad_image, scan_cache_dir)
         self.files = [files[i] for i in readable]  # ids and id2label stay those of the full scan
         self.labels = [labels[i] for i in readable] if labels is not None else None
         self.sizes = list(readable.values())
@@ -439,8 +483,9 @@ class DigitsSource(ImageFolderSource):
         label_column: str | None = "label",
         on_bad_image: str = "error",
         max_samples: int | None = None,
+        scan_cache_dir: str | os.PathLike | None = None,
     ):
-        super().__init__(digits_image_folder(cache_dir), label_column, on_bad_image, max_samples)
+        super().__init__(digits_image_folder(cache_dir), label_column, on_bad_image, max_samples, scan_cache_dir)
 
 
 class HFDatasetSource(ImageSource):
@@ -534,9 +579,15 @@ def image_source(config: DataConfig) -> ImageSource:
         )
     if config.train_data_dir is not None:
         return ImageFolderSource(
-            config.train_data_dir, config.labels_from, config.on_bad_image, config.max_train_samples
+            config.train_data_dir,
+            config.labels_from,
+            config.on_bad_image,
+            config.max_train_samples,
+            config.scan_cache_dir,
         )
-    return DigitsSource(config.cache_dir, config.labels_from, config.on_bad_image, config.max_train_samples)
+    return DigitsSource(
+        config.cache_dir, config.labels_from, config.on_bad_image, config.max_train_samples, config.scan_cache_dir
+    )
 
 
 def augment_generator(seed: int, key: int) -> torch.Generator:
@@ -690,6 +741,23 @@ class ImageLabelDataset(Dataset):
         if self.labels is not None:
             item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
         return item
+
+
+def resolve_num_workers(num_workers: int | None, dataset) -> int:
+    """`--dataloader_num_workers`, or by default what helped in docs/PERFORMANCE.md ("DataLoader workers"): none for
+    datasets whose items are cheap (`items_are_cheap`, the memory-mapped latent cache: a worker's inter-process copy
+    costs more than the read), and for images a quarter of this process's share of the CPU cores (`LOCAL_WORLD_SIZE`
+    processes per machine), i.e. none on a machine with fewer than 4 cores per process, where workers only slowed the
+    image path down by taking cores from the training process.
+    """
+    if num_workers is not None:
+        if num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be >= 0, got {num_workers}.")
+        return num_workers
+    if getattr(dataset, "items_are_cheap", False):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) // 4
 
 
 def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:

@@ -28,6 +28,8 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProce
 from PIL import Image
 from torch.utils.data import Sampler
 
+from .data import resolve_num_workers
+
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -310,9 +312,13 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_items
 
 
-def make_dataloader(dataset, batch_size: int, seed: int, num_workers: int, collate_fn) -> torch.utils.data.DataLoader:
-    """A training DataLoader whose order is reproducible and resumable (see `EpochShuffleSampler`)."""
+def make_dataloader(
+    dataset, batch_size: int, seed: int, num_workers: int | None, collate_fn
+) -> torch.utils.data.DataLoader:
+    """A training DataLoader whose order is reproducible and resumable (see `EpochShuffleSampler`); `num_workers=None`
+    picks the default of `sadm.data.resolve_num_workers`."""
     dataset.augment_seed = seed
+    num_workers = resolve_num_workers(num_workers, dataset)
     if len(dataset) < batch_size:
         logger.warning(
             f"The dataset has {len(dataset)} samples, fewer than one batch of {batch_size}; batches are partial."

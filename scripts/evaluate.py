@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline
 
 import sadm  # noqa: F401  registers sadm's pipeline classes on diffusers, so DiffusionPipeline.from_pretrained finds them
 from sadm.cli import add_data_args, data_config_from_args, parse_metric_list
-from sadm.data import load_train_dataset
+from sadm.data import load_train_dataset, resolve_num_workers
 from sadm.evaluation import (
     build_feature_network,
     check_feature_network_name,
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> dict:
             args.batch_size,
             args.num_reference_samples,
             args.seed,
-            num_workers=args.dataloader_num_workers,
+            num_workers=resolve_num_workers(args.dataloader_num_workers, dataset),
         )
         if args.save_reference_stats is not None and accelerator.is_main_process:
             reference.save_npz(args.save_reference_stats, feature_network.identity, features=reference.features)
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> dict:
             with_logits,
             classifier,
             "samples",
-            num_workers=args.dataloader_num_workers,
+            num_workers=resolve_num_workers(args.dataloader_num_workers, dataset),
         )
 
     results = compute_metrics(reference, fake, metrics, options)

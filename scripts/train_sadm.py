@@ -10,6 +10,7 @@ pipeline (`SADMDiTPipeline`, EMA weights when `--use_ema`) with `checkpoint-N/` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -147,7 +148,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache_latents",
         action="store_true",
         help="Encode the data once (posterior moments of each image and of its flip) into --data_cache_dir, or "
-        "<output_dir>/latent_cache; a fresh latent is still sampled every step.",
+        "<output_dir>/latent_cache, each process its shard; memory-mapped at training time. A fresh latent is still "
+        "sampled every step.",
+    )
+    g.add_argument(
+        "--latent_cache_dtype",
+        type=str,
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="How --cache_latents stores the moments (float16/bfloat16: half the disk and page cache; read back as "
+        "float32).",
     )
     g.add_argument(
         "--learn_sigma", action="store_true", help="Output 2C channels and train the improved-DDPM hybrid loss."
@@ -628,8 +638,11 @@ def main(
         x0_clip = 0.0 if vae is not None and args.disc_input == "latent" else 1.0
 
     # ---- data: the class count and names come from the data and go into the export
-    if dataset is None:
-        dataset = load_train_dataset(data_config_from_args(args))
+    if dataset is None:  # the main process decodes every image once; the others read its record of the scan
+        data_config = data_config_from_args(args)
+        scan_dir = args.data_cache_dir or os.path.join(args.output_dir, "image_scan")
+        with accelerator.main_process_first():
+            dataset = load_train_dataset(dataclasses.replace(data_config, scan_cache_dir=scan_dir))
     num_classes, id2label = dataset.num_classes, dataset.id2label
     logger.info(f"{len(dataset)} training images, {dataset.num_channels} channel(s), {num_classes or 'no'} classes")
     if vae is not None:
@@ -739,10 +752,18 @@ def main(
         terms.append(DiffusionGANTerm(gan_cfg, gan_disc, gan_opt, accelerator, diffusion))
 
     train_set, collate = dataset, collate_fn
-    if args.cache_latents:  # main process encodes, the others then find the finished file
+    if args.cache_latents:  # every process encodes its shard; all shards are finished before any is read
         cache_dir = args.data_cache_dir or os.path.join(args.output_dir, "latent_cache")
-        with accelerator.main_process_first():
-            path = build_latent_cache(dataset, vae, cache_dir, disable_progress=not accelerator.is_local_main_process)
+        path = build_latent_cache(
+            dataset,
+            vae,
+            cache_dir,
+            disable_progress=not accelerator.is_local_main_process,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            dtype=args.latent_cache_dtype,
+        )
+        accelerator.wait_for_everyone()
         train_set, collate = load_latent_cache(path, dataset), collate_latents
     train_dataloader = make_dataloader(
         train_set, args.train_batch_size, args.seed, args.dataloader_num_workers, collate

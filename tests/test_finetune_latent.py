@@ -132,7 +132,8 @@ def test_cached_latents_train_as_uncached_and_resume_exactly(tmp_path, replica, 
         "--output_dir", str(tmp_path / "resumed"),
     )  # fmt: skip
     assert result.returncode == 0 and "Resuming from" in result.stdout + result.stderr, result.stderr[-3000:]
-    assert len(list((tmp_path / "cached" / "latent_cache").glob("latents-*.pt"))) == 1
+    (folder,) = (tmp_path / "cached" / "latent_cache").glob("latents-*")  # one process: one finished shard
+    assert [p.suffix for p in sorted(folder.iterdir())] == [".json", ".npy"]
     cached, resumed = weights(tmp_path / "cached"), weights(tmp_path / "resumed")
     assert all(torch.equal(cached[k], resumed[k]) for k in cached), "a resumed cached run differs"
     # the same flips and posterior noise at every step: the same losses, up to the VAE's batch-size-dependent float
@@ -148,7 +149,7 @@ def test_latent_cache_replays_flips_and_holds_the_flipped_images_moments(tmp_pat
     vae, source = load_vae(None, str(replica), pretrained_components(str(replica)))
     path = build_latent_cache(images, vae, tmp_path / "cache", batch_size=4, disable_progress=True)
     cache = load_latent_cache(path, images)
-    assert len(cache) == len(images) == 9
+    assert len(cache) == len(images) == 9 and path.is_dir() and len(list(path.glob("shard-*.npy"))) == 1
     flips = []
     for key in range(2 * len(images)):  # two epochs of sampler keys
         expected = encode_moments(vae, images[key]["pixel_values"][None])[0]  # the uncached path, flips included
@@ -296,3 +297,32 @@ def test_script_refuses_latent_options_that_cannot_work(tmp_path, replica, data_
     )  # fmt: skip
     assert result.returncode != 0
     assert "--model tiny has patch size 2, which does not divide the 5x5 latents" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_shard_each_and_train_on_both(tmp_path, replica):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    data = write_class_folder(tmp_path / "data", classes=("0", "207", "999"), per_class=12, size=16)  # 2 batches of 32
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(REPO / "scripts" / "train_sadm.py"), *COMMON, "--pretrained_model_name_or_path", str(replica),
+           "--train_data_dir", str(data), "--output_dir", str(out), "--max_train_steps", "2", "--cache_latents",
+           "--latent_cache_dtype", "bfloat16", "--structure_loss_weight", "0", "--random_flip"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+    assert result.returncode == 0, result.stderr[-4000:]
+    (folder,) = (out / "latent_cache").glob("latents-*")
+    manifests = [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
+    assert [(m["start"], m["stop"], m["dtype"]) for m in manifests] == [(0, 32, "bfloat16"), (32, 36, "bfloat16")]
+    assert len(list((out / "image_scan").glob("image-scan-*.json"))) == 1  # scanned by the main process only
+    images = load_train_dataset(DataConfig(train_data_dir=str(data), resolution=16, random_flip=True))
+    vae, _ = load_vae(None, str(replica), pretrained_components(str(replica)))
+    alone = build_latent_cache(images, vae, tmp_path / "alone", disable_progress=True, dtype="bfloat16")
+    both, one = load_latent_cache(folder, images), load_latent_cache(alone, images)
+    assert all(torch.equal(both[key]["latent_moments"], one[key]["latent_moments"]) for key in range(len(images)))
