@@ -23,6 +23,17 @@ PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = tuple(
 )
 
 
+def ignore_preemption_signals(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGTERM / SIGUSR1, which the main process turns into a checkpoint.
+
+    SLURM and Kubernetes signal every process of the job; torch's worker handler dies on a SIGTERM that its parent did
+    not send, and the main process then stops with "DataLoader worker exited unexpectedly" before it can checkpoint.
+    A worker still exits when its parent shuts the loader down or dies (torch's watchdog), and on SIGKILL.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionHandler:
     r"""Record SIGTERM / SIGUSR1 while entered; the previous handlers are back on exit (also on an exception).
 

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from .data import resolve_num_workers
+from .preemption import ignore_preemption_signals
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +334,7 @@ def make_dataloader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
         persistent_workers=False,
+        worker_init_fn=ignore_preemption_signals,  # the cluster's SIGTERM must reach only the main process's handler
     )
 
 

@@ -230,3 +230,27 @@ def test_all_processes_agree_to_stop_when_one_receives_the_signal():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 stopped at step 3 (SIGTERM)" in result.stdout
     assert "rank 1 stopped at step 3 (SIGTERM)" in result.stdout
+
+
+def test_dataloader_workers_survive_the_clusters_sigterm():
+    """SLURM signals every process: a worker must not die of it (the main process checkpoints instead)."""
+    import os
+    import signal
+
+    from sadm.training import make_dataloader
+
+    class Squares(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            return torch.tensor([index * index])
+
+    loader = make_dataloader(Squares(), 4, seed=0, num_workers=1, collate_fn=torch.utils.data.default_collate)
+    iterator = iter(loader)
+    seen = [next(iterator)]
+    for worker in iterator._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    seen += list(iterator)
+    assert sorted(torch.cat(seen).flatten().tolist()) == [i * i for i in range(40)]
