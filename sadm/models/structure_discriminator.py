@@ -273,7 +273,10 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                     f"head_type='orthonormal' needs embed_dim <= the backbone's feature width {num_features} (orthonormal "
                     f"rows), got embed_dim={embed_dim}."
                 )
-            self.head = orthogonal(nn.Linear(num_features, embed_dim, bias=False))  # W [embed_dim, F], W Wᵀ = I
+            # W [embed_dim, F], W Wᵀ = I: a product of Householder reflections of the stored parameter; without
+            # torch's trivialisation buffer, which diffusers' empty-weights `from_pretrained` would not restore
+            linear = nn.Linear(num_features, embed_dim, bias=False)
+            self.head = orthogonal(linear, orthogonal_map="householder", use_trivialization=False)
         else:
             self.head = _maybe_spectral_norm(nn.Linear(num_features, embed_dim), spectral_norm)
         self.class_embedding = nn.Embedding(num_classes, embed_dim) if num_classes is not None else None
