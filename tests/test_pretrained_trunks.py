@@ -240,19 +240,45 @@ def test_train_sadm_flags_reach_both_pretrained_trunks(tmp_path):
     assert config["head_type"] == "orthonormal" and config["timm_pretrained_path"] == str(structure_file)
 
 
-def test_train_sadm_bad_trunk_flags_stop_before_training(tmp_path):
+def _script(name):
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_trunk_flags_stop_at_parsing(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     _save_timm(weights, in_chans=3)
+    sadm, gan = _script("train_sadm"), _script("train_diffusion_gan")
     cases = [
-        (["--gan_disc_timm_pretrained_path", str(weights)], "--gan_disc_timm_pretrained_path is read by --gan_disc_trunk projected"),
-        (["--disc_backbone", "timm", "--disc_timm_pretrained_path", str(tmp_path / "no.pt")], "no.pt is not a file"),
-        (["--disc_backbone", "transformers", "--disc_transformers_path", str(weights)], "is not a folder"),
-        (["--disc_backbone", "transformers"], "needs --disc_transformers_path"),
+        (sadm, ["--gan_disc_timm_pretrained_path", str(weights)],
+         "--gan_disc_timm_pretrained_path is read by --gan_disc_trunk projected, not --gan_disc_trunk conv"),
+        (sadm, ["--disc_backbone", "timm", "--disc_timm_pretrained_path", str(tmp_path / "no.pt")], "no.pt is not a file"),
+        (sadm, ["--disc_backbone", "transformers", "--disc_transformers_path", str(weights)], "is not a folder"),
+        (sadm, ["--disc_backbone", "transformers"], "needs --disc_transformers_path"),
+        (sadm, ["--disc_backbone", "timm", "--disc_input_adapter", "zero"], "invalid choice: 'zero'"),
+        (gan, ["--disc_timm_pretrained_path", str(weights)], "--disc_timm_pretrained_path is read by --disc_trunk projected"),
+        (gan, ["--disc_trunk", "projected", "--disc_timm_pretrained_path", str(tmp_path / "no.pt")], "is not a file"),
     ]  # fmt: skip
-    for flags, message in cases:
-        result = run_script("train_sadm.py", *TINY, "--output_dir", str(tmp_path / "o"), *flags, launch=False)
-        assert result.returncode != 0 and message in result.stderr, (flags, result.stderr[-1500:])
-    # a file that does not fit the architecture: a clear error naming it, before the first step
+    for script, flags, message in cases:
+        base = TINY if script is sadm else TINY[4:]  # train_diffusion_gan.py has no --model and needs 2^k px
+        with pytest.raises(SystemExit):
+            script.parse_args([*base, "--output_dir", str(tmp_path / "o"), *flags])
+        assert message in capsys.readouterr().err, flags
+    defaults = sadm.parse_args(["--output_dir", str(tmp_path / "o")])
+    assert (defaults.disc_head, defaults.disc_input_adapter, defaults.gan_disc_timm_pretrained_path) == (
+        "linear", "adapt", None
+    )  # fmt: skip
+
+
+def test_a_file_that_does_not_fit_stops_train_sadm_before_the_first_step(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    _save_timm(weights, in_chans=3)
     data = write_class_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=8, mode="L")
     result = run_script(
         "train_sadm.py", *TINY, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "o2"),
@@ -260,17 +286,6 @@ def test_train_sadm_bad_trunk_flags_stop_before_training(tmp_path):
         "--diffusion_gan_preset", "projected_gan", "--gan_disc_timm_model_name", "test_convnext",
         "--gan_disc_timm_pretrained_path", str(weights), launch=False,
     )  # fmt: skip
-    assert (
-        result.returncode != 0 and "w.safetensors' does not hold the weights of timm 'test_convnext'" in result.stderr
-    )
+    message = "w.safetensors' does not hold the weights of timm 'test_convnext'"
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "o2" / "checkpoint-1").exists()
-
-
-def test_train_diffusion_gan_bad_pretrained_flags(tmp_path):
-    weights = tmp_path / "w.safetensors"
-    _save_timm(weights, in_chans=3)
-    result = run_script(
-        "train_diffusion_gan.py", "--output_dir", str(tmp_path / "o"), "--disc_timm_pretrained_path", str(weights),
-        launch=False,
-    )  # fmt: skip
-    assert result.returncode != 0 and "--disc_timm_pretrained_path is read by --disc_trunk projected" in result.stderr
