@@ -289,3 +289,26 @@ def test_a_file_that_does_not_fit_stops_train_sadm_before_the_first_step(tmp_pat
     message = "w.safetensors' does not hold the weights of timm 'test_convnext'"
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "o2" / "checkpoint-1").exists()
+
+
+def test_train_feature_network_writes_a_file_the_structure_discriminator_loads(tmp_path):
+    """A few steps of scripts/train_feature_network.py: disjoint seeded halves, a safetensors file + JSON record that
+    `--disc_timm_pretrained_path` reads (frozen backbone, orthonormal head) with exactly the trained weights."""
+    from safetensors.torch import load_file
+
+    script = _script("train_feature_network")
+    images, labels, train, heldout = script.digits_halves(16, split_seed=1)
+    assert len(train) + len(heldout) == len(images) == 1797 and not set(train.tolist()) & set(heldout.tolist())
+    _, _, other, _ = script.digits_halves(16, split_seed=2)
+    assert set(train.tolist()) != set(other.tolist())
+    path = tmp_path / "net" / "features.safetensors"
+    record = script.main(["--output_path", str(path), "--max_train_steps", "3", "--batch_size", "16"])
+    assert record["train_steps"] == 3 and record["model_name"] == "test_resnet" and record["num_train"] == 898
+    assert json.loads(path.with_name("features.safetensors.json").read_text()) == record
+    saved = load_file(str(path))
+    disc = _structure(sample_size=16, embed_dim=32, timm_pretrained_path=str(path), freeze_backbone=True,
+                      head_type="orthonormal")  # fmt: skip
+    for key, value in disc.encoder.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output_path", str(tmp_path / "x.pt")])
