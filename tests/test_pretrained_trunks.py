@@ -312,3 +312,32 @@ def test_train_feature_network_writes_a_file_the_structure_discriminator_loads(t
         assert torch.equal(value, saved[key]), key
     with pytest.raises(SystemExit):
         script.parse_args(["--output_path", str(tmp_path / "x.pt")])
+
+
+def test_frozen_feature_benchmark_arms_build_a_frozen_orthonormal_encoder(tmp_path):
+    """The `*_frozen` arms of benchmark_quality.py: `ft_sadm_mmd`'s flags plus the feature-network file, frozen, with
+    an orthonormal head; only the head and the level embedding of the noise-conditional encoder train."""
+    benchmark, train = _script("benchmark_quality"), _script("train_sadm")
+    args = benchmark.parse_args(["--arms", "dsm", "ft_sadm_mmd_frozen", "--output_root", str(tmp_path)])
+    net = tmp_path / "feature_network" / "test_resnet_r16_split1.safetensors"
+    net.parent.mkdir()
+    saved = _save_timm(net, in_chans=1, seed=5)  # present: the benchmark does not train it again
+    base = tmp_path / "dsm" / "seed0"
+    base.mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    command = benchmark.train_command(args, "ft_sadm_mmd_frozen", 0, tmp_path / "out")
+    assert str(net) in command
+    flags = command[command.index("--output_dir") :]
+    parsed = train.parse_args(flags)
+    reference = train.parse_args(
+        [f.replace("{base}", str(base)) for f in benchmark.ARMS["ft_sadm_mmd"][1]] + flags[:2]
+    )
+    assert train.run_config(parsed).structure == train.run_config(reference).structure
+    disc = train.build_structure_discriminator(parsed, 1, 16, 10, num_timesteps=1000)
+    assert disc.config.head_type == "orthonormal" and disc.config.freeze_backbone
+    for key, value in disc.encoder.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    trainable = {name.split(".")[0] for name, p in disc.named_parameters() if p.requires_grad}
+    assert trainable == {"head", "time_embedding"}
+    scratch = benchmark.ARMS["sadm_mmd_frozen"][1]
+    assert "--pretrained_model_name_or_path" not in scratch and "{feature_net}" in scratch
