@@ -83,7 +83,7 @@ from sadm.models.dit_trunk import (
     load_dit_trunk,
 )
 from sadm.models.pretrained_trunks import INPUT_ADAPTERS
-from sadm.models.structure_discriminator import HEADS, StructureDiscriminator
+from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.objective import DenoisingObjective
 from sadm.preemption import PreemptionHandler
 from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
@@ -219,9 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON file of a transformers vision config (random init).",
     )
     d.add_argument("--disc_freeze_backbone", action="store_true", help="Freeze the timm/transformers backbone.")
-    d.add_argument("--disc_head", type=str, default="linear", choices=list(HEADS),
-                   help="Structure discriminator head: linear (with spectral norm per --structure_disc_spectral_norm) or "
-                   "orthonormal (a projection with orthonormal rows: the low-capacity head over a frozen backbone).")  # fmt: skip
+    d.add_argument("--disc_head", type=str, default=None, choices=["linear", "mlp", "orthonormal"],
+                   help="Structure encoder head: the backbone's own when unset (linear for conv/vit/timm/transformers, "
+                   "with spectral norm per --structure_disc_spectral_norm; mlp for dit), or orthonormal (a projection "
+                   "with orthonormal rows: the low-capacity adversarial head over a frozen backbone).")  # fmt: skip
     d.add_argument("--disc_input_adapter", type=str, default="adapt", choices=list(INPUT_ADAPTERS),
                    help="Pretrained timm/transformers trunks of both discriminators whose stem was trained on other input "
                    "channels than the discriminator input (RGB vs 1-channel digits or 4-channel latents): adapt (timm's "
@@ -514,9 +515,10 @@ def check_trunk_flags(args, parser: argparse.ArgumentParser) -> None:
         parser.error(
             "--disc_backbone transformers needs --disc_transformers_path (a local model folder) or --disc_transformers_config."
         )
-    if args.disc_head != "linear" and args.disc_backbone == "dit":
+    own_head = "mlp" if args.disc_backbone == "dit" else "linear"
+    if args.disc_head not in (None, own_head, "orthonormal"):
         parser.error(
-            "--disc_head orthonormal is a head of the StructureDiscriminator backbones, not of --disc_backbone dit."
+            f"--disc_head {args.disc_head} is not a head of --disc_backbone {args.disc_backbone} ({own_head} or orthonormal)."
         )
 
 
@@ -554,7 +556,7 @@ def build_structure_discriminator(
         transformers_config=transformers_config,
         transformers_path=args.disc_transformers_path,
         input_adapter=args.disc_input_adapter,
-        head_type=args.disc_head,
+        head_type=args.disc_head or "linear",
         freeze_backbone=args.disc_freeze_backbone,
         num_timesteps=num_timesteps,
     )
@@ -605,6 +607,7 @@ def build_dit_discriminators(
             spectral_norm=args.structure_disc_spectral_norm,
             num_classes=trunk.config.num_embeds_ada_norm if args.disc_class_conditional and num_classes else None,
             num_timesteps=num_timesteps,
+            head_type=args.disc_head or "mlp",
             dit=trunk,
         )
     if run.diffusion_gan.weight > 0 and args.gan_disc_trunk == "dit":

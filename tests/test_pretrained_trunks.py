@@ -272,7 +272,7 @@ def test_bad_trunk_flags_stop_at_parsing(tmp_path, capsys):
         assert message in capsys.readouterr().err, flags
     defaults = sadm.parse_args(["--output_dir", str(tmp_path / "o")])
     assert (defaults.disc_head, defaults.disc_input_adapter, defaults.gan_disc_timm_pretrained_path) == (
-        "linear", "adapt", None
+        None, "adapt", None
     )  # fmt: skip
 
 
@@ -341,3 +341,31 @@ def test_frozen_feature_benchmark_arms_build_a_frozen_orthonormal_encoder(tmp_pa
     assert trainable == {"head", "time_embedding"}
     scratch = benchmark.ARMS["sadm_mmd_frozen"][1]
     assert "--pretrained_model_name_or_path" not in scratch and "{feature_net}" in scratch
+
+
+def test_orthonormal_head_on_the_frozen_dit_trunk(tmp_path):
+    """The frozen copy of the denoiser as the feature network: `head_type='orthonormal'` is its only trainable part."""
+    from sadm.models.dit import build_dit
+    from sadm.models.dit_trunk import DiTStructureEncoder, freeze_dit_trunk
+
+    trunk = freeze_dit_trunk(build_dit("tiny", sample_size=8, in_channels=4, num_classes=3, seed=0))
+    shape = {"in_channels": 4, "sample_size": 8, "trunk_hidden_size": 128, "trunk_num_classes": 3, "trunk_blocks": [1]}
+    torch.manual_seed(0)
+    encoder = DiTStructureEncoder(**shape, embed_dim=16, head_type="orthonormal", dit=trunk)
+    assert [name for name, _ in encoder.named_parameters()] == ["projection.parametrizations.weight.original"]
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=0.05)
+    for step in range(3):
+        z = encoder(torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(step))).embeddings
+        optimizer.zero_grad()
+        (z @ z.T).mean().backward()
+        optimizer.step()
+    weight = encoder.projection.weight.detach()
+    torch.testing.assert_close(weight @ weight.T, torch.eye(16), atol=1e-5, rtol=0)
+    encoder.save_pretrained(str(tmp_path / "enc"))
+    reloaded = DiTStructureEncoder.from_pretrained(str(tmp_path / "enc"), dit=trunk)
+    torch.testing.assert_close(reloaded.projection.weight, weight)
+    with pytest.raises(ValueError, match="head_type='orthonormal' needs embed_dim <= the pooled feature width 128"):
+        DiTStructureEncoder(**shape, embed_dim=129, head_type="orthonormal", dit=trunk)
+    with pytest.raises(SystemExit):  # train_sadm.py: the conv encoder's linear head is not a head of the dit one
+        _script("train_sadm").parse_args(["--output_dir", str(tmp_path / "o"), "--disc_backbone", "dit",
+                                          "--disc_head", "linear"])  # fmt: skip
