@@ -239,6 +239,7 @@ def build_timestep_discriminator(
     timm_model_name: str = "resnet18",
     timm_pretrained_path: str | None = None,
     timm_input_size: int | None = None,
+    input_adapter: str = "adapt",
 ) -> TimestepDiscriminator:
     """The timestep discriminator D(y, t[, class]) of both trainers, fitted to `config`: t-conditioned unless the
     trunk is 'projected' (Diffusion-ProjectedGAN gives D no t) or `mode` is 'none' (t is always 0), with a timestep
@@ -257,6 +258,7 @@ def build_timestep_discriminator(
         timm_model_name=timm_model_name,
         timm_pretrained_path=timm_pretrained_path,
         timm_input_size=timm_input_size,
+        input_adapter=input_adapter,
     )
 
 

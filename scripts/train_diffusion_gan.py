@@ -68,6 +68,7 @@ from sadm.frame import (
     validation_labels,
 )
 from sadm.models.generator import GANGenerator
+from sadm.models.pretrained_trunks import INPUT_ADAPTERS
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.preemption import PreemptionHandler
 from sadm.training import (
@@ -164,7 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="resnet18",
         help="Backbone of the projected trunk (random init unless a local path is given).",
     )
-    d.add_argument("--disc_timm_pretrained_path", type=str, default=None, help="Local weights for that backbone.")
+    d.add_argument("--disc_timm_pretrained_path", type=str, default=None,
+                   help="Local weights file (.safetensors or torch state dict) for that backbone, saved from the timm "
+                   "classifier model or its features_only model; checked against the architecture before training.")  # fmt: skip
+    d.add_argument("--disc_input_adapter", type=str, default="adapt", choices=list(INPUT_ADAPTERS),
+                   help="A pretrained stem whose input channels differ from the images': adapt (timm's adapt_input_conv: "
+                   "RGB filters summed for grey), strict (an error) or reinit (an untrained stem that trains with the heads).")  # fmt: skip
     d.add_argument(
         "--disc_timm_input_size", type=int, default=None, help="Resize inputs before the backbone (ProjectedGAN: 224)."
     )
@@ -194,6 +200,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.disc_minibatch_std_group_size < 1:
         parser.error(f"--disc_minibatch_std_group_size must be >= 1, got {args.disc_minibatch_std_group_size}")
+    if args.disc_timm_pretrained_path is not None:
+        if args.disc_trunk != "projected":
+            parser.error(f"--disc_timm_pretrained_path is read by --disc_trunk projected, not {args.disc_trunk}")
+        if not os.path.isfile(args.disc_timm_pretrained_path):
+            parser.error(f"--disc_timm_pretrained_path {args.disc_timm_pretrained_path} is not a file")
     if args.ema_kimg is not None and args.ema_kimg <= 0:
         parser.error(f"--ema_kimg (the EMA half-life in kimg) must be > 0, got {args.ema_kimg}")
     if args.ema_kimg is not None and not args.use_ema:
@@ -272,6 +283,7 @@ def build_discriminator(
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
         timm_input_size=args.disc_timm_input_size,
+        input_adapter=args.disc_input_adapter,
     )
 
 

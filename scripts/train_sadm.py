@@ -83,6 +83,7 @@ from sadm.models.dit_trunk import (
     freeze_dit_trunk,
     load_dit_trunk,
 )
+from sadm.models.pretrained_trunks import INPUT_ADAPTERS
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.objective import DenoisingObjective
 from sadm.preemption import PreemptionHandler
@@ -209,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
     d = parser.add_argument_group("discriminators (structure and timestep)")
     d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers", "dit"],
-                   help="Structure discriminator backbone (conv: compact, spectral norm; timm/transformers: random-init here; "
+                   help="Structure discriminator backbone (conv: compact, spectral norm; timm: --disc_timm_*, random init "
+                   "unless --disc_timm_pretrained_path; transformers: --disc_transformers_path or _config; "
                    "dit: pooled features of a frozen pretrained DiT, --disc_trunk_*).")  # fmt: skip
     d.add_argument("--disc_embed_dim", type=int, default=128, help="Structure embedding size.")
     d.add_argument("--disc_base_channels", type=int, default=64, help="Width of the conv/ViT discriminators.")
@@ -217,11 +219,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument(
         "--disc_timm_model_name", type=str, default="resnet18", help="timm backbone name (--disc_backbone timm)."
     )
-    d.add_argument("--disc_timm_pretrained_path", type=str, default=None, help="Local timm weights for the backbone.")
+    d.add_argument("--disc_timm_pretrained_path", type=str, default=None,
+                   help="Local weights file (.safetensors or torch state dict) of --disc_timm_model_name for the "
+                   "structure discriminator (e.g. from scripts/train_feature_network.py); checked before training.")  # fmt: skip
+    d.add_argument("--disc_transformers_path", type=str, default=None,
+                   help="Local transformers vision model folder (save_pretrained: ViT, Dinov2, ConvNext, ...) for "
+                   "--disc_backbone transformers.")  # fmt: skip
     d.add_argument(
-        "--disc_transformers_config", type=str, default=None, help="JSON file of a transformers vision config."
+        "--disc_transformers_config",
+        type=str,
+        default=None,
+        help="JSON file of a transformers vision config (random init).",
     )
     d.add_argument("--disc_freeze_backbone", action="store_true", help="Freeze the timm/transformers backbone.")
+    d.add_argument("--disc_head", type=str, default=None, choices=["linear", "mlp", "orthonormal"],
+                   help="Structure encoder head: the backbone's own when unset (linear for conv/vit/timm/transformers, "
+                   "with spectral norm per --structure_disc_spectral_norm; mlp for dit), or orthonormal (a projection "
+                   "with orthonormal rows: the low-capacity adversarial head over a frozen backbone).")  # fmt: skip
+    d.add_argument("--disc_input_adapter", type=str, default="adapt", choices=list(INPUT_ADAPTERS),
+                   help="Pretrained timm/transformers trunks of both discriminators whose stem was trained on other input "
+                   "channels than the discriminator input (RGB vs 1-channel digits or 4-channel latents): adapt (timm's "
+                   "adapt_input_conv: grey = summed RGB filters; for latents a heuristic, not a latent-trained stem), "
+                   "strict (an error), reinit (an untrained stem, trained even when the backbone is frozen). For latents, "
+                   "--disc_input pixel decodes instead.")  # fmt: skip
     d.add_argument(
         "--disc_class_conditional", action="store_true", help="Condition the structure embedding on the class."
     )
@@ -254,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataclass_args(parser, DiffusionGANConfig, "diffusion_gan_", GAN_FLAGS)
     d.add_argument("--gan_disc_trunk", type=str, default="conv", choices=["conv", "vit", "projected", "dit"],
                    help="Timestep discriminator trunk (dit: a frozen pretrained DiT at the matched noise level, --disc_trunk_*).")  # fmt: skip
+    d.add_argument("--gan_disc_timm_model_name", type=str, default="resnet18",
+                   help="timm backbone of --gan_disc_trunk projected (frozen; random init unless --gan_disc_timm_pretrained_path).")  # fmt: skip
+    d.add_argument("--gan_disc_timm_pretrained_path", type=str, default=None,
+                   help="Local weights file of --gan_disc_timm_model_name for the projected timestep discriminator.")  # fmt: skip
     d.add_argument("--gan_disc_spectral_norm", action=argparse.BooleanOptionalAction, default=False,
                    help="Spectral norm on every trainable layer of the timestep discriminator (as --disc_spectral_norm of "
                    "train_diffusion_gan.py); the dit trunk's heads always have it.")  # fmt: skip
@@ -327,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             DiffAugment(args.disc_augment)
         except ValueError as error:
             parser.error(f"--disc_augment: {error}")
+    check_trunk_flags(args, parser)
     if args.disc_backbone == "dit" and args.disc_pretrained_path is not None:
         parser.error(
             "--disc_pretrained_path warm-starts a StructureDiscriminator; it is not read with --disc_backbone dit."
@@ -475,6 +500,41 @@ def build_model(
     return disable_label_dropout(model), label_learning_rate
 
 
+def check_trunk_flags(args, parser: argparse.ArgumentParser) -> None:
+    """The pretrained-trunk flags name a file / folder that exists and go with the backbone that reads them."""
+    readers = {
+        "--disc_timm_pretrained_path": ("disc_backbone", "timm", os.path.isfile, "file"),
+        "--disc_transformers_path": ("disc_backbone", "transformers", os.path.isdir, "folder"),
+        "--disc_transformers_config": ("disc_backbone", "transformers", os.path.isfile, "file"),
+        "--gan_disc_timm_pretrained_path": ("gan_disc_trunk", "projected", os.path.isfile, "file"),
+    }
+    for flag, (owner, choice, exists, kind) in readers.items():
+        value = getattr(args, flag[2:])
+        if value is None:
+            continue
+        if getattr(args, owner) != choice:
+            parser.error(f"{flag} is read by --{owner} {choice}, not --{owner} {getattr(args, owner)}")
+        if not exists(value):
+            parser.error(f"{flag} {value} is not a {kind}")
+    if args.disc_transformers_path is not None and args.disc_transformers_config is not None:
+        parser.error(
+            "--disc_transformers_path and --disc_transformers_config both give the transformers backbone: pass one."
+        )
+    if (
+        args.disc_backbone == "transformers"
+        and args.disc_transformers_path is None
+        and args.disc_transformers_config is None
+    ):
+        parser.error(
+            "--disc_backbone transformers needs --disc_transformers_path (a local model folder) or --disc_transformers_config."
+        )
+    own_head = "mlp" if args.disc_backbone == "dit" else "linear"
+    if args.disc_head not in (None, own_head, "orthonormal"):
+        parser.error(
+            f"--disc_head {args.disc_head} is not a head of --disc_backbone {args.disc_backbone} ({own_head} or orthonormal)."
+        )
+
+
 def build_structure_discriminator(
     args, in_channels: int, sample_size: int, num_classes: int, num_timesteps: int | None = None
 ) -> StructureDiscriminator:
@@ -507,6 +567,9 @@ def build_structure_discriminator(
         timm_model_name=args.disc_timm_model_name,
         timm_pretrained_path=args.disc_timm_pretrained_path,
         transformers_config=transformers_config,
+        transformers_path=args.disc_transformers_path,
+        input_adapter=args.disc_input_adapter,
+        head_type=args.disc_head or "linear",
         freeze_backbone=args.disc_freeze_backbone,
         num_timesteps=num_timesteps,
     )
@@ -557,6 +620,7 @@ def build_dit_discriminators(
             spectral_norm=args.structure_disc_spectral_norm,
             num_classes=trunk.config.num_embeds_ada_norm if args.disc_class_conditional and num_classes else None,
             num_timesteps=num_timesteps,
+            head_type=args.disc_head or "mlp",
             dit=trunk,
         )
     if run.diffusion_gan.weight > 0 and args.gan_disc_trunk == "dit":
@@ -747,6 +811,9 @@ def main(
                 trunk=args.gan_disc_trunk,
                 base_channels=args.disc_base_channels,
                 spectral_norm=args.gan_disc_spectral_norm,
+                timm_model_name=args.gan_disc_timm_model_name,
+                timm_pretrained_path=args.gan_disc_timm_pretrained_path,
+                input_adapter=args.disc_input_adapter,
             )
         gan_opt = make_disc_optimizer(args, gan_disc)
         terms.append(DiffusionGANTerm(gan_cfg, gan_disc, gan_opt, accelerator, diffusion))

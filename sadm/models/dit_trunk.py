@@ -31,6 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.parametrizations import orthogonal
 from torch.nn.utils.parametrizations import spectral_norm as spectral_norm_
 
 from ..diffusion_augment import AdaptiveDiffusion
@@ -351,6 +352,9 @@ class DiTStructureEncoder(_FrozenTrunkMixin, ModelMixin, ConfigMixin):
             must equal `trunk_num_classes`. None: the trunk runs with its null class.
         num_timesteps (`int`, *optional*): noise-conditional: `forward` requires `timestep` in [0, num_timesteps].
         backbone (`str`, defaults to `"dit"`): the backbone's name.
+        head_type (`str`, defaults to `"mlp"`): `"mlp"` (the projection above) or `"orthonormal"`: one bias-free linear
+            projection with orthonormal rows (W Wᵀ = I; no spectral norm, it is 1-Lipschitz), the low-capacity
+            adversarial head over the frozen trunk's features; needs `embed_dim` <= k·D.
         dit ([`DiTTransformer2DModel`], *optional*, keyword only): the frozen trunk ([`freeze_dit_trunk`]); not saved.
     """
 
@@ -371,10 +375,13 @@ class DiTStructureEncoder(_FrozenTrunkMixin, ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         num_timesteps: int | None = None,
         backbone: str = "dit",
+        head_type: str = "mlp",
         *,
         dit: DiTTransformer2DModel | None = None,
     ):
         super().__init__()
+        if head_type not in ("mlp", "orthonormal"):
+            raise ValueError(f"`head_type` must be 'mlp' or 'orthonormal' for DiTStructureEncoder, got {head_type!r}.")
         if backbone != "dit":
             raise ValueError(f"backbone '{backbone}' must be 'dit' for DiTStructureEncoder.")
         if num_classes is not None and num_classes != trunk_num_classes:
@@ -382,11 +389,21 @@ class DiTStructureEncoder(_FrozenTrunkMixin, ModelMixin, ConfigMixin):
         if num_timesteps is not None and num_timesteps < 1:
             raise ValueError(f"`num_timesteps` must be None or >= 1, got {num_timesteps}.")
         self.gradient_checkpointing = False
-        self.projection = nn.Sequential(
-            _maybe_spectral_norm(nn.Linear(len(trunk_blocks) * trunk_hidden_size, hidden_dim), spectral_norm),
-            nn.LeakyReLU(0.2),
-            _maybe_spectral_norm(nn.Linear(hidden_dim, embed_dim), spectral_norm),
-        )
+        num_features = len(trunk_blocks) * trunk_hidden_size
+        if head_type == "orthonormal":
+            if embed_dim > num_features:
+                raise ValueError(
+                    f"head_type='orthonormal' needs embed_dim <= the pooled feature width {num_features}, got "
+                    f"embed_dim={embed_dim}."
+                )
+            linear = nn.Linear(num_features, embed_dim, bias=False)  # W [embed_dim, k·D], W Wᵀ = I
+            self.projection = orthogonal(linear, orthogonal_map="householder", use_trivialization=False)
+        else:
+            self.projection = nn.Sequential(
+                _maybe_spectral_norm(nn.Linear(num_features, hidden_dim), spectral_norm),
+                nn.LeakyReLU(0.2),
+                _maybe_spectral_norm(nn.Linear(hidden_dim, embed_dim), spectral_norm),
+            )
         self._attach_trunk(dit, tuple(trunk_blocks))
 
     def forward(

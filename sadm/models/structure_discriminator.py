@@ -18,8 +18,18 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 from torch.nn.utils.parametrizations import spectral_norm as spectral_norm_
 
+from .pretrained_trunks import (
+    check_input_adapter,
+    check_trunk_input,
+    create_timm_backbone,
+    load_transformers_backbone,
+    stem_conv,
+)
+
+HEADS = ("linear", "orthonormal")
 TIME_PROJ_DIM = 128  # width of the sinusoidal level embedding of a noise-conditional encoder
 
 
@@ -40,6 +50,24 @@ def _maybe_spectral_norm(module: nn.Module, enabled: bool) -> nn.Module:
     return spectral_norm_(module) if enabled else module
 
 
+def _config_dict(config) -> dict:
+    """A transformers config as the `transformers_config` dict that `AutoConfig.for_model` rebuilds it from."""
+    keep = config.to_diff_dict()
+    keep.pop("transformers_version", None)
+    keep.pop("architectures", None)
+    keep.pop("_name_or_path", None)
+    keep["model_type"] = config.model_type
+    return keep
+
+
+def _trunk_name(backbone: str, kwargs: dict) -> str:
+    if backbone == "timm":
+        path = kwargs["timm_pretrained_path"]
+        return f"timm '{kwargs['timm_model_name']}'" + (f" (timm_pretrained_path '{path}')" if path else "")
+    path = kwargs["transformers_path"]
+    return f"The transformers backbone (transformers_path '{path}')" if path else "The transformers backbone"
+
+
 class StructureDiscriminator(ModelMixin, ConfigMixin):
     r"""
     Structure discriminator E_φ of SADM: maps clean samples x0 `[B, C, H, W]` (pixels in [-1, 1], or latents) to
@@ -52,11 +80,20 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         - `"vit"`: timm's `VisionTransformer` (`img_size=sample_size`, `patch_size`, `embed_dim=base_channels`,
           `depth=num_layers`, `num_heads`), mean-pooled tokens, linear head.
         - `"timm"`: `timm.create_model(timm_model_name, pretrained=False, num_classes=0, in_chans=in_channels)` (pooled
-          features) + linear head. With `timm_pretrained_path` the weights are read from that local file by timm
-          (classifier dropped, first conv adapted to `in_channels`); nothing is ever downloaded.
-        - `"transformers"`: `AutoModel.from_config` of `transformers_config` (a config dict with a `model_type`, e.g. a
-          tiny `Dinov2Config().to_dict()`), pooled by `transformers_pooling` + linear head.
+          features) + linear head. With `timm_pretrained_path` the weights are read from that local file (classifier
+          dropped, every other weight checked against the architecture, the stem fitted to `in_channels` by
+          `input_adapter`: `sadm/models/pretrained_trunks.py`); nothing is ever downloaded.
+        - `"transformers"`: `AutoModel.from_pretrained(transformers_path)` of a local transformers vision model folder
+          (ViT, Dinov2, ConvNext, ...; stem fitted by `input_adapter`), or `AutoModel.from_config` of
+          `transformers_config` (random init), pooled by `transformers_pooling` + linear head.
+    A pretrained or random timm / transformers backbone is run once on a zero batch at construction, so a trunk that
+    cannot take `[B, in_channels, sample_size, sample_size]` (e.g. a ViT built for another image size) fails here.
     With `spectral_norm=True`, non-conv backbones get spectral norm on their linear head only.
+
+    Heads (`head_type`): `"linear"` (default) is a linear layer with bias (spectral norm when `spectral_norm=True`);
+    `"orthonormal"` is a linear projection without bias whose rows stay orthonormal (W Wᵀ = I, torch's `orthogonal`
+    parametrisation; 1-Lipschitz, so no spectral norm), the low-capacity adversarial head over frozen features
+    (`freeze_backbone=True`, docs/METHODS.md); it needs `embed_dim` <= the backbone's feature width.
 
     Args:
         in_channels (`int`, defaults to 1): Channels of the input samples.
@@ -77,6 +114,14 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         transformers_config (`dict`, *optional*): Config dict of the `transformers` backbone (must contain
             `model_type`; its `num_channels` must equal `in_channels`). An R1 penalty needs a double backward
             through attention, which fused SDPA kernels lack: add `"_attn_implementation": "eager"` to the dict.
+        transformers_path (`str`, *optional*): Local folder of a transformers vision model (`save_pretrained`) for the
+            `transformers` backbone; its config is recorded as `transformers_config`, so a saved discriminator reloads
+            with `transformers_path=None` where the folder is absent (the saved weights replace the folder's anyway).
+        input_adapter (`str`, defaults to `"adapt"`): How a pretrained stem with other input channels than
+            `in_channels` is fitted: `"adapt"` (timm's `adapt_input_conv`: RGB filters summed for 1 channel, repeated
+            and rescaled for others, e.g. 4 latent channels — a heuristic, not a latent-trained stem), `"strict"` (an
+            error) or `"reinit"` (an untrained stem, trainable even with `freeze_backbone`).
+        head_type (`str`, defaults to `"linear"`): `"linear"` or `"orthonormal"` (see above).
         transformers_pooling (`str`, defaults to `"cls"`): `"cls"` takes the first token of `last_hidden_state`,
             `"mean"` averages all tokens (or all positions of a `[B, C, H, W]` feature map).
         freeze_backbone (`bool`, defaults to `False`): Freeze the backbone (only the head and class embedding train);
@@ -106,6 +151,9 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         transformers_pooling: str = "cls",
         freeze_backbone: bool = False,
         num_timesteps: int | None = None,
+        transformers_path: str | None = None,
+        input_adapter: str = "adapt",
+        head_type: str = "linear",
     ):
         super().__init__()
         if in_channels < 1:
@@ -116,6 +164,13 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
             raise ValueError(f"`num_classes` must be None or >= 1, got {num_classes}.")
         if timm_pretrained_path is not None and backbone != "timm":
             raise ValueError(f"`timm_pretrained_path` is only used by backbone='timm', got backbone={backbone!r}.")
+        if transformers_path is not None and backbone != "transformers":
+            raise ValueError(
+                f"`transformers_path` is only used by backbone='transformers', got backbone={backbone!r}."
+            )
+        if head_type not in HEADS:
+            raise ValueError(f"`head_type` must be one of {', '.join(HEADS)}, got {head_type!r}.")
+        check_input_adapter(input_adapter)
 
         if backbone == "conv":
             if num_layers < 1:
@@ -161,41 +216,37 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                 block.attn.fused_attn = False
             num_features = self.encoder.num_features
         elif backbone == "timm":
-            import timm
-
-            if timm_pretrained_path is None:
-                self.encoder = timm.create_model(
-                    timm_model_name, pretrained=False, num_classes=0, in_chans=in_channels
-                )
-            else:
-                # timm reads the local file itself (`file` overrides any hub/url source), drops the classifier and
-                # adapts the first conv to `in_chans`; nothing is downloaded.
-                self.encoder = timm.create_model(
-                    timm_model_name,
-                    pretrained=True,
-                    pretrained_cfg_overlay={"file": timm_pretrained_path, "source": ""},
-                    num_classes=0,
-                    in_chans=in_channels,
-                )
+            self.encoder = create_timm_backbone(
+                timm_model_name, in_channels, timm_pretrained_path, input_adapter, source="timm_pretrained_path"
+            )
             num_features = self.encoder.num_features
         elif backbone == "transformers":
             from transformers import AutoConfig, AutoModel
 
-            if transformers_config is None or "model_type" not in transformers_config:
-                raise ValueError(
-                    "backbone='transformers' needs `transformers_config`, a config dict with a 'model_type' key "
-                    f"(e.g. Dinov2Config(...).to_dict()), got {transformers_config!r}."
-                )
             if transformers_pooling not in ("cls", "mean"):
                 raise ValueError(f"`transformers_pooling` must be 'cls' or 'mean', got {transformers_pooling!r}.")
-            config_kwargs = dict(transformers_config)
-            backbone_config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
-            if getattr(backbone_config, "num_channels", in_channels) != in_channels:
-                raise ValueError(
-                    f"`transformers_config` has num_channels={backbone_config.num_channels} but "
-                    f"`in_channels`={in_channels}."
+            if transformers_path is not None:
+                self.encoder = load_transformers_backbone(
+                    transformers_path, in_channels, input_adapter, source="transformers_path"
                 )
-            self.encoder = AutoModel.from_config(backbone_config)
+                backbone_config = self.encoder.config
+                # the architecture, so that a saved discriminator rebuilds without the folder
+                self.register_to_config(transformers_config=_config_dict(backbone_config))
+            else:
+                if transformers_config is None or "model_type" not in transformers_config:
+                    raise ValueError(
+                        "backbone='transformers' needs `transformers_path` (a local model folder) or "
+                        "`transformers_config`, a config dict with a 'model_type' key (e.g. "
+                        f"Dinov2Config(...).to_dict()), got {transformers_config!r}."
+                    )
+                config_kwargs = dict(transformers_config)
+                backbone_config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
+                if getattr(backbone_config, "num_channels", in_channels) != in_channels:
+                    raise ValueError(
+                        f"`transformers_config` has num_channels={backbone_config.num_channels} but "
+                        f"`in_channels`={in_channels}."
+                    )
+                self.encoder = AutoModel.from_config(backbone_config)
             if hasattr(backbone_config, "hidden_size"):
                 num_features = backbone_config.hidden_size
             elif hasattr(backbone_config, "hidden_sizes"):
@@ -214,10 +265,26 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                 raise ValueError(f"`num_timesteps` must be None or >= 1, got {num_timesteps}.")
             self.time_proj = Timesteps(TIME_PROJ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
             self.time_embedding = TimestepEmbedding(TIME_PROJ_DIM, num_features)
-        self.head = _maybe_spectral_norm(nn.Linear(num_features, embed_dim), spectral_norm)
+        if backbone in ("timm", "transformers"):
+            check_trunk_input(self._features, self.encoder, in_channels, sample_size, _trunk_name(backbone, locals()))
+        if head_type == "orthonormal":
+            if embed_dim > num_features:
+                raise ValueError(
+                    f"head_type='orthonormal' needs embed_dim <= the backbone's feature width {num_features} (orthonormal "
+                    f"rows), got embed_dim={embed_dim}."
+                )
+            # W [embed_dim, F], W Wᵀ = I: a product of Householder reflections of the stored parameter; without
+            # torch's trivialisation buffer, which diffusers' empty-weights `from_pretrained` would not restore
+            linear = nn.Linear(num_features, embed_dim, bias=False)
+            self.head = orthogonal(linear, orthogonal_map="householder", use_trivialization=False)
+        else:
+            self.head = _maybe_spectral_norm(nn.Linear(num_features, embed_dim), spectral_norm)
         self.class_embedding = nn.Embedding(num_classes, embed_dim) if num_classes is not None else None
+        # input_adapter='reinit' on a pretrained trunk: its fresh stem trains even when the rest is frozen
+        pretrained = timm_pretrained_path is not None or transformers_path is not None
+        self._trainable_stem = stem_conv(self.encoder)[0] if pretrained and input_adapter == "reinit" else None
         if freeze_backbone:
-            self.encoder.requires_grad_(False)
+            self.requires_grad_(True)
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> StructureDiscriminator:
@@ -232,6 +299,8 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         super().requires_grad_(requires_grad)
         if self.config.freeze_backbone:
             self.encoder.requires_grad_(False)
+            if self._trainable_stem is not None:  # the stem's module name
+                self.encoder.get_submodule(self._trainable_stem).requires_grad_(requires_grad)
         return self
 
     def _features(self, sample: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..diffusion_augment import AdaptiveDiffusion
+from .pretrained_trunks import check_input_adapter, check_trunk_input, create_timm_backbone, stem_conv
 
 TRUNKS = ("conv", "resnet", "vit", "projected")
 # the resnet trunk ends on a 4x4 map (StyleGAN2's epilogue resolution)
@@ -120,8 +121,13 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         num_heads (`int`, defaults to 4): ViT attention heads; must divide `base_channels`.
         timm_model_name (`str`, defaults to `"resnet18"`): backbone of the projected trunk, built with
             `timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels)` and frozen.
-        timm_pretrained_path (`str`, *optional*): local weights (safetensors or torch file) for that backbone; pass
+        timm_pretrained_path (`str`, *optional*): local weights (safetensors or torch file) for that backbone, saved
+            from the classifier model (`timm.create_model(timm_model_name)`, classifier dropped) or from the same
+            `features_only` model; every weight is checked (`sadm/models/pretrained_trunks.py`). Pass
             `timm_pretrained_path=None` to `from_pretrained` to reload elsewhere (saved weights include the backbone).
+        input_adapter (`str`, defaults to `"adapt"`): how a pretrained stem with other input channels than
+            `in_channels` is fitted: `"adapt"` (timm's `adapt_input_conv`; for 4 latent channels a heuristic, not a
+            latent-trained stem), `"strict"` (an error) or `"reinit"` (an untrained stem, which trains with the heads).
         timm_out_indices (`tuple[int]`, *optional*): which backbone scales get a head (timm's `out_indices`; all when
             None).
         timm_input_size (`int`, *optional*): bilinear resize of the input before the backbone (ProjectedGAN: 224).
@@ -147,6 +153,7 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         timm_pretrained_path: str | None = None,
         timm_out_indices: tuple[int, ...] | list[int] | None = None,
         timm_input_size: int | None = None,
+        input_adapter: str = "adapt",
     ):
         super().__init__()
         if trunk not in TRUNKS:
@@ -175,6 +182,9 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
             raise ValueError(f"num_heads={num_heads} must divide base_channels={base_channels}.")
         if timm_pretrained_path is not None and not os.path.isfile(timm_pretrained_path):
             raise FileNotFoundError(f"timm_pretrained_path '{timm_pretrained_path}' is not a file.")
+        if timm_pretrained_path is not None and trunk != "projected":
+            raise ValueError(f"timm_pretrained_path is only used by trunk='projected', not trunk='{trunk}'.")
+        check_input_adapter(input_adapter)
 
         if trunk == "conv":
             layers, channels = [], in_channels
@@ -202,15 +212,24 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
             self.norm = nn.LayerNorm(base_channels)
             self.feature_dim = base_channels
         else:
-            import timm
-
-            kwargs = {"out_indices": tuple(timm_out_indices)} if timm_out_indices is not None else {}
-            self.backbone = timm.create_model(
-                timm_model_name, pretrained=False, features_only=True, in_chans=in_channels, **kwargs
+            self.backbone = create_timm_backbone(
+                timm_model_name,
+                in_channels,
+                timm_pretrained_path,
+                input_adapter,
+                features_only=True,
+                out_indices=timm_out_indices,
+                source="timm_pretrained_path",
             )
-            if timm_pretrained_path is not None:
-                self._load_backbone(timm_pretrained_path)
+            size = timm_input_size or sample_size
+            name = f"timm '{timm_model_name}'" + (f" ({timm_pretrained_path})" if timm_pretrained_path else "")
+            check_trunk_input(self.backbone, self.backbone, in_channels, size, name)
             self.backbone.requires_grad_(False).eval()
+            # input_adapter='reinit' on pretrained weights: the fresh stem trains with the heads
+            self._trainable_stem = None
+            if timm_pretrained_path is not None and input_adapter == "reinit":
+                self._trainable_stem = stem_conv(self.backbone)[0]
+                self.backbone.get_submodule(self._trainable_stem).requires_grad_(True)
             # light trainable heads per scale: 1x1 channel mixing, 3x3 conv, global average pool
             self.heads = nn.ModuleList(
                 [
@@ -239,16 +258,15 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     nn.utils.parametrizations.spectral_norm(module)
 
-    def _load_backbone(self, path: str) -> None:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        missing, _ = self.backbone.load_state_dict(state_dict, strict=False)
-        if missing:
-            raise ValueError(f"timm_pretrained_path '{path}' lacks backbone weights: {missing[:5]}...")
+    def requires_grad_(self, requires_grad: bool = True) -> TimestepDiscriminator:
+        """The frozen backbone stays frozen through the adversarial steps' `requires_grad_(True)` (its stem follows
+        `requires_grad` with `input_adapter='reinit'`)."""
+        super().requires_grad_(requires_grad)
+        if self.config.trunk == "projected":
+            self.backbone.requires_grad_(False)
+            if self._trainable_stem is not None:  # the stem's module name
+                self.backbone.get_submodule(self._trainable_stem).requires_grad_(requires_grad)
+        return self
 
     def train(self, mode: bool = True) -> TimestepDiscriminator:
         """The frozen backbone always stays in eval mode (its normalisation statistics never move)."""
