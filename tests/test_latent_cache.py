@@ -153,9 +153,13 @@ def live_tensor_bytes(exclude: set[int]) -> int:
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in exclude:
-                storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                pointer = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # fake/functional tensors an earlier torch.compile left alive
+                continue
+            if pointer not in exclude:
+                storages[pointer] = storage.nbytes()
     return sum(storages.values())
 
 
