@@ -130,3 +130,17 @@ def write_dit_replica(
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
+
+
+def adamw_after_steps(initial: list, gradients: list[list], **implementation):
+    """Flattened parameters after one AdamW (lr 1e-3, weight decay 0.01) step per entry of `gradients`, started from
+    copies of `initial`; `implementation` is torch's `foreach=` / `fused=` choice (tests compare them)."""
+    import torch
+
+    params = [torch.nn.Parameter(p.clone()) for p in initial]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **implementation)
+    for step_gradients in gradients:
+        for p, g in zip(params, step_gradients):
+            p.grad = g.clone()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in params])

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from helpers import adamw_after_steps
 
 from sadm.losses import denoising_loss
 from sadm.losses.structure import relation_entropy, structure_loss
@@ -119,15 +120,8 @@ def test_foreach_and_fused_adamw_equal_the_default(tmp_path, implementation):
     initial = [p.detach().clone() for p in build_dit("tiny", 8, 4, 10, seed=0).parameters()]
     generator = torch.Generator().manual_seed(0)
     gradients = [[torch.randn(p.shape, generator=generator) for p in initial] for _ in range(3)]  # fixed, 3 steps
-    results = []
-    for extra in ({"foreach": False}, kwargs):  # torch's for-loop reference, then the flag's implementation
-        params = [torch.nn.Parameter(p.clone()) for p in initial]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **extra)
-        for step_gradients in gradients:
-            for p, g in zip(params, step_gradients):
-                p.grad = g.clone()
-            optimizer.step()
-        results.append(torch.cat([p.detach().flatten() for p in params]))
+    # torch's for-loop reference, then the flag's implementation
+    results = [adamw_after_steps(initial, gradients, **extra) for extra in ({"foreach": False}, kwargs)]
     moved = (results[0] - torch.cat([p.flatten() for p in initial])).abs()
     assert (moved > 0).float().mean() > 0.99 and moved.mean() > 1e-3  # the 3 steps (each ~lr) moved the weights
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-7)  # same maths, rounding only (≪ lr)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from helpers import run_script, write_class_folder
+from helpers import adamw_after_steps, run_script, write_class_folder
 from safetensors.torch import load_file
 
 from sadm.losses import denoising_loss
@@ -95,15 +95,7 @@ def test_fused_adamw_trains_through_the_script_and_equals_the_for_loop(tmp_path,
     initial = [p.detach().clone().cuda() for p in build_dit("tiny", 8, 4, 10, seed=0).parameters()]
     generator = torch.Generator().manual_seed(0)
     gradients = [[torch.randn(p.shape, generator=generator).cuda() for p in initial] for _ in range(3)]
-    results = []
-    for implementation in ({"foreach": False}, {"fused": True}):
-        params = [torch.nn.Parameter(p.clone()) for p in initial]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **implementation)
-        for step_gradients in gradients:
-            for p, g in zip(params, step_gradients):
-                p.grad = g.clone()
-            optimizer.step()
-        results.append(torch.cat([p.detach().flatten() for p in params]))
+    results = [adamw_after_steps(initial, gradients, **implementation) for implementation in ({"foreach": False}, {"fused": True})]
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
 
 
