@@ -138,6 +138,8 @@ FROZEN = ["--disc_backbone", "timm", "--disc_timm_model_name", "test_resnet", "-
 ARMS.update({
     "sadm_mmd_frozen": ("train_sadm.py", [*MMD, *ADAPTIVE, *FROZEN]),
     "ft_sadm_mmd_frozen": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *FROZEN]),
+    # with the per-sample streams, so that it pairs with ft_sadm_mmd_psn and ft_dsm_psn on the same bases
+    "ft_sadm_mmd_frozen_psn": ("train_sadm.py", [*FINETUNE, *MMD, *ADAPTIVE, *FROZEN, *PSN]),
 })  # fmt: skip
 METRICS = ("accuracy", "fid", "pixel_fid", "precision", "recall")
 LOWER_IS_BETTER = ("fid", "pixel_fid")
