@@ -177,11 +177,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval_num_inference_steps", type=int, default=25, help="DDPM steps of each in-training evaluation."
     )
     parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=0,
+        help="Passed to the training runs (0: one checkpoint at the end). A run folder that holds a checkpoint but no "
+        "export is continued from its latest complete checkpoint (--resume_from_checkpoint latest) instead of being "
+        "trained again, so that long runs (the gan8 arms) can span several invocations.",
+    )
+    parser.add_argument(
         "--plots_dir", type=str, default="docs/benchmarks", help="Where the curve and sample-grid PNGs go."
     )
     args = parser.parse_args(argv)
-    if args.eval_steps < 0:
-        parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}")
+    for flag in ("eval_steps", "checkpointing_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     for sampler in args.samplers:
         name, _, steps = sampler.partition(":")
         if name not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1:
@@ -234,7 +243,7 @@ def train_command(args, arm: str, seed: int, out: Path) -> list[str]:
     return [
         sys.executable, str(REPO / "scripts" / script), "--output_dir", str(out), "--seed", str(seed),
         "--max_train_steps", str(args.max_train_steps), "--validation_steps", "0", "--report_to", "none",
-        "--checkpointing_steps", str(args.max_train_steps), *flags, *evaluation, *shlex.split(args.extra),
+        "--checkpointing_steps", str(args.checkpointing_steps or args.max_train_steps), *flags, *evaluation, *shlex.split(args.extra),
     ]  # fmt: skip
 
 
@@ -282,8 +291,12 @@ def run_one(args, arm: str, seed: int, threads: int) -> dict[str, dict[str, floa
     log = out.parent / f"seed{seed}.log"
     if not (out / "model_index.json").exists():
         start = time.time()
-        run(train_command(args, arm, seed, out) + ["--overwrite_output_dir"], log, threads)
-        (out / "train_wall_s.txt").write_text(f"{time.time() - start:.1f}\n")
+        # continue an interrupted run from its checkpoints; train anything else from the start
+        resume = any(out.glob("checkpoint-*")) if out.is_dir() else False
+        restart = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]
+        run(train_command(args, arm, seed, out) + restart, log, threads)
+        with open(out / "train_wall_s.txt", "a") as f:  # one line per invocation that trained
+            f.write(f"{time.time() - start:.1f}\n")
     result = evaluate_run(args, arm, out, log, threads)
     summary = "; ".join(f"{tag}: " + ", ".join(f"{m} {v:.4g}" for m, v in r.items()) for tag, r in result.items())
     print(f"{arm} seed {seed}: {summary}", flush=True)

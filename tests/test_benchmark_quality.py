@@ -38,3 +38,28 @@ def test_bad_sampler_and_sample_count_are_refused():
     assert args.samplers == ["ddpm:100", "ddim:10"]
     assert benchmark.samplers_of("sadm_mmd", args) == ["ddpm:100", "ddim:10"]
     assert benchmark.samplers_of("gan_none", args) == ["onestep"]
+
+
+def test_a_run_with_checkpoints_is_continued_and_a_fresh_one_trained_from_the_start(tmp_path, monkeypatch):
+    benchmark = _benchmark()
+    commands = []
+
+    def fake_run(cmd, log, threads):  # the training script creates its --output_dir
+        commands.append(cmd)
+        (tmp_path / "gan8_adaptive_200" / "seed0").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    monkeypatch.setattr(benchmark, "evaluate_run", lambda *a: {})
+    args = benchmark.parse_args(
+        ["--arms", "gan8_adaptive_200", "--output_root", str(tmp_path), "--max_train_steps", "300",
+         "--checkpointing_steps", "100"]
+    )  # fmt: skip
+    benchmark.run_one(args, "gan8_adaptive_200", 0, 1)
+    (tmp_path / "gan8_adaptive_200" / "seed0" / "checkpoint-100").mkdir()  # what an interrupted run leaves
+    benchmark.run_one(args, "gan8_adaptive_200", 0, 1)
+    fresh, continued = commands
+    assert "--overwrite_output_dir" in fresh and "--resume_from_checkpoint" not in fresh
+    assert continued[-2:] == ["--resume_from_checkpoint", "latest"] and "--overwrite_output_dir" not in continued
+    assert fresh[fresh.index("--checkpointing_steps") + 1] == "100"
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--checkpointing_steps", "-1"])
