@@ -107,7 +107,7 @@ from sadm.models.dit_trunk import (
     load_dit_trunk,
 )
 from sadm.models.pretrained_trunks import INPUT_ADAPTERS
-from sadm.models.structure_discriminator import StructureDiscriminator
+from sadm.models.structure_discriminator import BACKBONES, StructureDiscriminator
 from sadm.objective import DenoisingObjective
 from sadm.preemption import PreemptionHandler
 from sadm.step import BadStepCounter, DenoiserTrainStep, GuardedOptimizerStep
@@ -210,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
     d = parser.add_argument_group("discriminators (structure and timestep)")
-    d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers", "dit"],
+    d.add_argument("--disc_backbone", type=str, default="conv", choices=[*BACKBONES, "dit"],
                    help="Structure discriminator backbone (conv: compact, spectral norm; timm: --disc_timm_*, random init "
                    "unless --disc_timm_pretrained_path; transformers: --disc_transformers_path or _config; "
                    "dit: pooled features of a frozen pretrained DiT, --disc_trunk_*).")  # fmt: skip
