@@ -20,15 +20,18 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+from .preemption import ignore_preemption_signals
 
 logger = logging.getLogger(__name__)
 
@@ -674,7 +677,7 @@ class ImageLabelDataset(Dataset):
         self.small_images = small_images
         self.labels, self.id2label = source.labels, source.id2label
         self.num_classes = len(self.id2label) if self.id2label else 0
-        self.augment_seed = 0  # set by `sadm.training.make_dataloader` to the run's seed
+        self.augment_seed = 0  # set by `make_dataloader` to the run's seed
 
     @property
     def num_channels(self) -> int:
@@ -791,3 +794,50 @@ def load_train_dataset(config: DataConfig) -> ImageLabelDataset:
         )
     augmentation = Augmentation(resolution, num_channels, config.center_crop, config.random_flip)
     return ImageLabelDataset(source, augmentation, config.small_images)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with its own generator seeded by (seed, epoch): the data order depends only on the epoch, so a resumed run
+    sees the same batches as an uninterrupted one and no global RNG is consumed by the data order.
+
+    It yields `epoch * num_items + index`; `ImageLabelDataset` takes the index modulo its length and seeds the sample's
+    augmentation with the whole key."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offset = self.epoch * self.num_items
+        return iter((torch.randperm(self.num_items, generator=generator) + offset).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def make_dataloader(
+    dataset, batch_size: int, seed: int, num_workers: int | None, collate_fn
+) -> torch.utils.data.DataLoader:
+    """A training DataLoader whose order is reproducible and resumable (see `EpochShuffleSampler`); `num_workers=None`
+    picks the default of `sadm.data.resolve_num_workers`."""
+    dataset.augment_seed = seed
+    num_workers = resolve_num_workers(num_workers, dataset)
+    if len(dataset) < batch_size:
+        logger.warning(
+            f"The dataset has {len(dataset)} samples, fewer than one batch of {batch_size}; batches are partial."
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed),
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=len(dataset) >= batch_size,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
+        persistent_workers=False,
+        worker_init_fn=ignore_preemption_signals,  # the cluster's SIGTERM must reach only the main process's handler
+    )

@@ -19,17 +19,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from .training import (
-    CHECKPOINT_PREFIX,
-    assert_finite_parameters,
-    atomic_save_pretrained,
-    image_grid,
-    load_train_state,
-    log_images,
-    resolve_resume_path,
-)
+from .checkpointing import CHECKPOINT_PREFIX, assert_finite_parameters, load_train_state, resolve_resume_path
+from .export import atomic_save_pretrained, image_grid
 
 logger = get_logger(__name__)
+
+
+def log_images(accelerator: Accelerator, name: str, images: np.ndarray, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(image) for image in images]}, step=step)
 
 
 def make_adamw(

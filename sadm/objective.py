@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .losses import denoising_loss, predict_x0, training_target, vlb_loss
 from .losses.denoising import PARAMETERIZATIONS
-from .training import draw_timesteps, draw_uniform
+from .randomness import draw_timesteps, draw_uniform
 
 PREDICTION_TYPES = tuple(PARAMETERIZATIONS)
 TIMESTEP_BUCKETS = 4  # the denoising loss is also logged per quarter of the timesteps (`loss_dsm_t<lo>-<hi>`)

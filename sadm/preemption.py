@@ -45,7 +45,7 @@ class PreemptionHandler:
     Agreement under several processes: one `int` all-reduced with MAX on every call, over a CPU (gloo) group: the default
     group when it is gloo, else one created on entry. It is a host-only round trip per optimizer step, no device sync:
     the ranks are already in step through the gradient all-reduce and the per-step finiteness check
-    ([`~sadm.training.step_if_finite`]), so it costs the network latency, and a signal is acted on at the next optimizer
+    ([`~sadm.step.step_if_finite`]), so it costs the network latency, and a signal is acted on at the next optimizer
     step, which the grace period allows even for large models. Without gloo the flag is reduced on the accelerator
     device (one extra host sync per step). A single process reads its own flag: no collective.
 

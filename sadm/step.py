@@ -14,8 +14,11 @@ Each model is stepped inside `accelerator.accumulate` of the denoiser (the discr
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
 
 from .disc_augment import DiffAugment
@@ -23,17 +26,84 @@ from .latents import decode_latents, encode_moments, sample_latents
 from .objective import DenoisingObjective
 from .term_weights import gradient_norm_ratio
 from .terms import AdversarialBatch, AdversarialTerm, SampleStreams
-from .training import BadStepCounter, step_if_finite
+
+logger = logging.getLogger(__name__)
+
+
+def step_if_finite(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    lr_scheduler=None,
+) -> tuple[bool, torch.Tensor]:
+    """Clip the gradients, then step only when their norm is finite; returns `(finite, grad_norm)`. One host sync.
+
+    A non-finite step changes nothing: no optimizer or LR-scheduler step, the gradients are zeroed. With fp16 loss
+    scaling (`accelerator.scaler`) the optimizer step is still called: the scaler skips it itself (it saw the inf when
+    unscaling for the clip) and lowers the scale; without that call the scale would never back off and every later
+    step would overflow again. Only this optimizer's gradients are unscaled: accelerate's `clip_grad_norm_` unscales
+    every optimizer's, which would unscale a discriminator's gradients while they are still being accumulated (scaled)
+    over micro-batches.
+    """
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if accelerator.scaler is not None and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.unscale_gradients(optimizer=optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:
+        optimizer.step()
+    if finite and lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+class BadStepCounter:
+    """Skipped (non-finite) optimizer steps per model: `consecutive` stops the run at `max_bad_steps` in a row of any
+    one model, `total` is logged as `bad_steps_<model>`. Saved in `train_state.json` for an exact resume."""
+
+    def __init__(self, max_bad_steps: int, state: dict | int | None = None):
+        self.max_bad_steps = max_bad_steps
+        self.consecutive: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        if isinstance(state, int):  # checkpoints written before per-model counts: the denoiser's consecutive count
+            self.consecutive["transformer"] = state
+        elif state:
+            self.consecutive, self.total = dict(state["consecutive"]), dict(state["total"])
+
+    def update(self, model_name: str, finite: bool, step: int) -> None:
+        """Count one optimizer step of `model_name`; raise `FloatingPointError` after `max_bad_steps` bad ones in a row."""
+        self.total.setdefault(model_name, 0)
+        if finite:
+            self.consecutive[model_name] = 0
+            return
+        self.total[model_name] += 1
+        count = self.consecutive[model_name] = self.consecutive.get(model_name, 0) + 1
+        logger.warning(f"Non-finite {model_name} gradient at step {step}: step skipped ({count} in a row).")
+        if count >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{count} consecutive non-finite {model_name} steps (--max_bad_steps {self.max_bad_steps}); stopping. "
+                "Lower the learning rate(s) or --max_grad_norm, or resume from an earlier checkpoint."
+            )
+
+    def stats(self) -> dict[str, int]:
+        return {f"bad_steps_{name}": count for name, count in self.total.items()}
+
+    def state_dict(self) -> dict:
+        return {"consecutive": dict(self.consecutive), "total": dict(self.total)}
 
 
 class GuardedOptimizerStep:
     """Clip, then step only on finite gradients: a bad step is skipped, counted per model and logged (see
-    [`~sadm.training.step_if_finite`] and [`~sadm.training.BadStepCounter`]).
+    [`~sadm.step.step_if_finite`] and [`~sadm.step.BadStepCounter`]).
 
     Args:
         accelerator (`accelerate.Accelerator`): the run's accelerator.
         max_grad_norm (`float`): clipping norm; 0 disables clipping.
-        bad_steps ([`~sadm.training.BadStepCounter`]): raises after `max_bad_steps` bad steps of one model in a row.
+        bad_steps ([`~sadm.step.BadStepCounter`]): raises after `max_bad_steps` bad steps of one model in a row.
     """
 
     def __init__(self, accelerator: Accelerator, max_grad_norm: float, bad_steps: BadStepCounter):

@@ -31,11 +31,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .checkpointing import register_state_hooks
 from .diffusion_augment import AdaptiveDiffusion
 from .diffusion_gan import DiffusionGANConfig, diffusion_gan_discriminator_loss, diffusion_gan_generator_loss
 from .disc_augment import DiffAugment
 from .losses.structure import timestep_weights
 from .objective import DenoisingResult, NoisedBatch
+from .randomness import sample_generators
 from .structure import (
     StructureConfig,
     StructureInputs,
@@ -46,7 +48,6 @@ from .structure import (
     structure_weight_at,
 )
 from .term_weights import gradient_ratio_weight, ramped_weight
-from .training import register_state_hooks, sample_generators
 
 # (model name, model, optimizer, global step, LR scheduler) -> (finite, gradient norm): clip, step if finite, count
 OptimizerStep = Callable[..., tuple[bool, torch.Tensor]]
@@ -70,7 +71,7 @@ class SampleStreams:
         self._made: dict[int, list[torch.Generator]] = {}
 
     def get(self, stream: int) -> list[torch.Generator] | None:
-        """One generator per sample for `stream` (see `sadm.training.sample_generators`), or None (global RNG)."""
+        """One generator per sample for `stream` (see `sadm.randomness.sample_generators`), or None (global RNG)."""
         if self.sample_keys is None:
             return None
         if stream not in self._made:
@@ -208,11 +209,11 @@ class AdversarialTerm:
 
     def save_pretrained(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the discriminator (and what it needs) next to an exported pipeline; `state`: its weights gathered
-        beforehand (`sadm.training.full_state_dict`, FSDP with several processes), else the module's own."""
+        beforehand (`sadm.checkpointing.full_state_dict`, FSDP with several processes), else the module's own."""
         if state is None:
             self.unwrapped.save_pretrained(os.path.join(folder, self.model_name))
         else:
-            from sadm.training import save_pretrained_state
+            from sadm.checkpointing import save_pretrained_state
 
             save_pretrained_state(self.unwrapped, state, os.path.join(folder, self.model_name))
 

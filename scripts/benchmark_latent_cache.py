@@ -106,9 +106,8 @@ def child(spec: dict) -> dict:
     """One size in this (fresh) process: scan, build, load, read."""
     import torch
 
-    from sadm.data import DataConfig, collate_fn, load_train_dataset
+    from sadm.data import DataConfig, collate_fn, load_train_dataset, make_dataloader
     from sadm.latents import build_latent_cache, collate_latents, load_latent_cache
-    from sadm.training import make_dataloader
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     vae = tiny_vae()

@@ -41,8 +41,9 @@ from diffusers import DiffusionPipeline, SchedulerMixin
 from tqdm.auto import tqdm
 
 import sadm  # registers sadm's pipeline classes on diffusers
+from sadm.accelerate_setup import check_distributed
 from sadm.evaluation import sample_seed
-from sadm.training import check_distributed, image_grid
+from sadm.export import image_grid
 
 SHORT_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}  # what other scripts pass
 # what this script writes into --output_dir: with --overwrite, earlier ones are removed first (no stale PNGs mix in)

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-from sadm.cli import add_data_args, data_config_from_args
+from sadm.cli import add_data_args, add_dataclass_args, data_config_from_args, dataclass_from_args
 from sadm.data import load_train_dataset
 from sadm.losses import denoising_loss, predict_x0, training_target
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.structure import StructureConfig, structure_denoiser_loss, structure_inputs
-from sadm.training import add_dataclass_args, dataclass_from_args
 
 BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
 RENAME = {"weight": "structure_loss_weight", "disc_update_ratio": "disc_update_ratio", "r1_gamma": "disc_r1_gamma"}

@@ -42,8 +42,23 @@ from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from tqdm.auto import tqdm
 
 import sadm
-from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
-from sadm.data import collate_fn, load_train_dataset
+from sadm.accelerate_setup import make_accelerator
+from sadm.checkpointing import assert_finite_parameters, check_output_dir, register_model_hooks, save_checkpoint
+from sadm.cli import (
+    HelpFormatter,
+    adamw_from_flags,
+    add_data_args,
+    add_dataclass_args,
+    add_eval_args,
+    add_training_args,
+    add_validation_args,
+    check_optimizer_args,
+    data_config_from_args,
+    dataclass_from_args,
+    eval_config_from_args,
+    parse_args_with_config,
+)
+from sadm.data import collate_fn, load_train_dataset, make_dataloader
 from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import (
     DiffusionGANConfig,
@@ -54,6 +69,7 @@ from sadm.diffusion_gan import (
     max_p_change,
 )
 from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
+from sadm.export import copy_pipeline_file, write_model_card
 from sadm.frame import (
     ScalarLogger,
     ema_weights,
@@ -71,26 +87,7 @@ from sadm.models.generator import GANGenerator
 from sadm.models.pretrained_trunks import INPUT_ADAPTERS
 from sadm.models.timestep_discriminator import TRUNKS, TimestepDiscriminator
 from sadm.preemption import PreemptionHandler
-from sadm.training import (
-    BadStepCounter,
-    HelpFormatter,
-    adamw_from_flags,
-    add_dataclass_args,
-    add_training_args,
-    add_validation_args,
-    assert_finite_parameters,
-    check_optimizer_args,
-    check_output_dir,
-    copy_pipeline_file,
-    dataclass_from_args,
-    make_accelerator,
-    make_dataloader,
-    parse_args_with_config,
-    register_model_hooks,
-    save_checkpoint,
-    step_if_finite,
-    write_model_card,
-)
+from sadm.step import BadStepCounter, step_if_finite
 
 logger = get_logger(__name__)
 

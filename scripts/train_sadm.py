@@ -29,12 +29,35 @@ from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from tqdm.auto import tqdm
 
 import sadm
-from sadm.cli import add_data_args, add_eval_args, data_config_from_args, eval_config_from_args
-from sadm.data import collate_fn, load_train_dataset
+from sadm.accelerate_setup import check_fsdp, make_accelerator
+from sadm.checkpointing import (
+    assert_finite_parameters,
+    check_output_dir,
+    full_state_dict,
+    register_model_hooks,
+    save_checkpoint,
+)
+from sadm.cli import (
+    LR_SCHEDULERS,
+    HelpFormatter,
+    adamw_from_flags,
+    add_data_args,
+    add_dataclass_args,
+    add_eval_args,
+    add_training_args,
+    add_validation_args,
+    check_optimizer_args,
+    data_config_from_args,
+    dataclass_from_args,
+    eval_config_from_args,
+    parse_args_with_config,
+)
+from sadm.data import collate_fn, load_train_dataset, make_dataloader
 from sadm.diffusion_augment import AdaptiveDiffusion
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion, build_timestep_discriminator
 from sadm.disc_augment import DiffAugment
 from sadm.evaluation import preserve_rng_state, setup_in_training_evaluation
+from sadm.export import copy_pipeline_file, write_model_card
 from sadm.finetune import (
     DEFAULT_LORA_TARGETS,
     LABEL_INITS,
@@ -84,34 +107,12 @@ from sadm.models.dit_trunk import (
     load_dit_trunk,
 )
 from sadm.models.pretrained_trunks import INPUT_ADAPTERS
-from sadm.models.structure_discriminator import StructureDiscriminator
+from sadm.models.structure_discriminator import BACKBONES, StructureDiscriminator
 from sadm.objective import DenoisingObjective
 from sadm.preemption import PreemptionHandler
-from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
+from sadm.step import BadStepCounter, DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig
 from sadm.terms import AdversarialTerm, DiffusionGANTerm, StructureTerm
-from sadm.training import (
-    LR_SCHEDULERS,
-    BadStepCounter,
-    HelpFormatter,
-    adamw_from_flags,
-    add_dataclass_args,
-    add_training_args,
-    add_validation_args,
-    assert_finite_parameters,
-    check_fsdp,
-    check_optimizer_args,
-    check_output_dir,
-    copy_pipeline_file,
-    dataclass_from_args,
-    full_state_dict,
-    make_accelerator,
-    make_dataloader,
-    parse_args_with_config,
-    register_model_hooks,
-    save_checkpoint,
-    write_model_card,
-)
 
 logger = get_logger(__name__)
 
@@ -209,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # SADM: StructureConfig fields as --structure_* flags (λ is --structure_loss_weight)
     add_dataclass_args(parser, StructureConfig, "structure_", STRUCTURE_FLAGS)
     d = parser.add_argument_group("discriminators (structure and timestep)")
-    d.add_argument("--disc_backbone", type=str, default="conv", choices=["conv", "vit", "timm", "transformers", "dit"],
+    d.add_argument("--disc_backbone", type=str, default="conv", choices=[*BACKBONES, "dit"],
                    help="Structure discriminator backbone (conv: compact, spectral norm; timm: --disc_timm_*, random init "
                    "unless --disc_timm_pretrained_path; transformers: --disc_transformers_path or _config; "
                    "dit: pooled features of a frozen pretrained DiT, --disc_trunk_*).")  # fmt: skip

@@ -5,7 +5,7 @@
 accelerate (1.16) does not run FSDP on CPUs, but torch's FSDP1 does: every process wraps the same seeded DiT and
 structure discriminator with `FullyShardedDataParallel` (the sharding strategy given, use_orig_params, the DiT's
 blocks wrapped separately, as configs/accelerate/fsdp.yaml), takes one AdamW step on the same batch, and calls the save hook that
-`sadm.training.register_model_hooks` registers, with a stand-in for what it reads of accelerate's `Accelerator`.
+`sadm.checkpointing.register_model_hooks` registers, with a stand-in for what it reads of accelerate's `Accelerator`.
 Rank 0 also trains unwrapped copies on the same batch and writes their weights to OUT/reference/<name>.pt, and what
 a process's own unwrapped module holds (its shard) to OUT/local_rank<R>.pt.
 """
@@ -23,9 +23,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
+from sadm.checkpointing import register_model_hooks
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
-from sadm.training import register_model_hooks
 
 
 class FSDPAccelerator:

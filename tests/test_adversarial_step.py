@@ -12,10 +12,9 @@ from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
 from sadm.objective import DenoisingObjective
-from sadm.step import DenoiserTrainStep, GuardedOptimizerStep
+from sadm.step import BadStepCounter, DenoiserTrainStep, GuardedOptimizerStep
 from sadm.structure import StructureConfig, structure_denoiser_loss, structure_inputs
 from sadm.terms import ADVERSARIAL_TERMS, AdversarialTerm, DiffusionGANTerm, StructureTerm, register_adversarial_term
-from sadm.training import BadStepCounter
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from helpers import run_script, write_class_folder
 from PIL import Image
 
 from sadm.cli import add_data_args, data_config_from_args
-from sadm.data import DataConfig, collate_fn, digits_image_folder, load_train_dataset, scan_images
-from sadm.training import make_dataloader
+from sadm.data import DataConfig, collate_fn, digits_image_folder, load_train_dataset, make_dataloader, scan_images
 
 
 def readable_indices(paths, on_bad_image="error"):
@@ -157,7 +156,7 @@ def test_flag_default_and_skip_from_the_command_line(tmp_path, folder_with_bad_f
 def test_dataset_smaller_than_a_batch_gives_partial_batches(tmp_path, caplog):
     write_class_folder(tmp_path, classes=("a",), per_class=3, size=8)
     ds = load_train_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=8))
-    with caplog.at_level(logging.WARNING, logger="sadm.training"):
+    with caplog.at_level(logging.WARNING, logger="sadm.data"):
         loader = make_dataloader(ds, batch_size=8, seed=0, num_workers=0, collate_fn=collate_fn)
     assert "fewer than one batch of 8" in caplog.text
     batches = list(loader)

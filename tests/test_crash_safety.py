@@ -19,18 +19,17 @@ from diffusers import DiffusionPipeline
 from helpers import REPO, write_class_folder
 from safetensors.torch import load_file
 
-from sadm.training import (
+from sadm.accelerate_setup import make_accelerator
+from sadm.checkpointing import (
     TRAIN_STATE_NAME,
-    BadStepCounter,
     assert_finite_parameters,
-    atomic_save_pretrained,
     check_output_dir,
     list_checkpoints,
-    make_accelerator,
     prune_checkpoints,
     resolve_resume_path,
-    step_if_finite,
 )
+from sadm.export import atomic_save_pretrained
+from sadm.step import BadStepCounter, step_if_finite
 
 TOTAL_LIMIT = 2
 TINY = [
@@ -414,7 +413,7 @@ def test_fp16_on_cpu_warns_that_it_runs_float32(tmp_path, caplog):
     AcceleratorState._reset_state(True)
     args = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="fp16", report_to="none", ddp_timeout=60,
                            output_dir=str(tmp_path), logging_dir="logs", allow_tf32=False)  # fmt: skip
-    with caplog.at_level("WARNING", logger="sadm.training"):
+    with caplog.at_level("WARNING", logger="sadm.accelerate_setup"):
         accelerator = make_accelerator(args)
     on_cpu, scaler = accelerator.device.type == "cpu", accelerator.scaler
     AcceleratorState._reset_state(True)

@@ -15,13 +15,14 @@ from diffusers import DiffusionPipeline
 from helpers import REPO, write_class_folder
 from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 
+from sadm.accelerate_setup import check_distributed
+from sadm.checkpointing import list_checkpoints
 from sadm.diffusion_gan import DiffusionGANConfig, diffusion_gan_discriminator_loss
 from sadm.losses import denoising_loss, training_target
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
 from sadm.structure import StructureConfig, structure_discriminator_loss, structure_inputs
-from sadm.training import check_distributed, list_checkpoints
 
 TINY = ["--model", "tiny", "--resolution", "8", "--train_batch_size", "2", "--validation_steps", "0",
         "--report_to", "none"]  # fmt: skip
@@ -245,12 +246,12 @@ def test_cpu_launcher_with_several_processes_warns(monkeypatch, caplog):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    with caplog.at_level("WARNING", logger="sadm.training"):
+    with caplog.at_level("WARNING", logger="sadm.accelerate_setup"):
         check_distributed(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
     assert "started ONE" in caplog.text
     caplog.clear()
     monkeypatch.delenv("MASTER_ADDR")  # a plain single-process run says nothing
-    with caplog.at_level("WARNING", logger="sadm.training"):
+    with caplog.at_level("WARNING", logger="sadm.accelerate_setup"):
         check_distributed(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
     assert caplog.text == ""
 

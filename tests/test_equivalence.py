@@ -5,7 +5,7 @@ global structure scope on 2 processes == the local scope on 1 process (losses an
 The noise, timesteps, label dropout and the Diffusion-GAN term's draws come from `--per_sample_noise` (generators seeded
 by the seed and each sample's key), so every configuration draws the same values for the same sample: the comparison
 is exact in intent, and the differences left are float32 rounding (batch 2 vs 4 changes the reduction order of the
-matmuls). `sadm.training.sample_generators` and the list-of-generators path of `AdaptiveDiffusion` are unit-tested here
+matmuls). `sadm.randomness.sample_generators` and the list-of-generators path of `AdaptiveDiffusion` are unit-tested here
 too.
 """
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_distributed import TWO_GLOO_PROCESSES, launch
 
 from sadm.diffusion_augment import AdaptiveDiffusion
-from sadm.training import draw_timesteps, draw_uniform, sample_generators
+from sadm.randomness import draw_timesteps, draw_uniform, sample_generators
 
 MODELS = ("transformer", "discriminator", "timestep_discriminator")
 # 8 images, global batch 4: two optimizer steps (checkpoint-1 and checkpoint-2). Adam's first steps are ~lr·sign(g):

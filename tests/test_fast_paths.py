@@ -7,16 +7,12 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from helpers import adamw_after_steps
 
+from sadm.accelerate_setup import make_accelerator
+from sadm.cli import adamw_implementation, add_training_args, check_optimizer_args
+from sadm.data import make_dataloader
 from sadm.losses import denoising_loss
 from sadm.losses.structure import relation_entropy, structure_loss
 from sadm.models.dit import build_dit, float32_norms
-from sadm.training import (
-    adamw_implementation,
-    add_training_args,
-    check_optimizer_args,
-    make_accelerator,
-    make_dataloader,
-)
 
 
 def dit_batch(seed: int = 0, batch: int = 4, channels: int = 4, size: int = 8):

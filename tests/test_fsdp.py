@@ -17,9 +17,10 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel
 from helpers import REPO, run_script, write_class_folder
 from safetensors.torch import load_file
 
+from sadm.accelerate_setup import check_fsdp
+from sadm.checkpointing import full_state_dict, list_checkpoints, register_model_hooks
 from sadm.models.dit import build_dit
 from sadm.models.structure_discriminator import StructureDiscriminator
-from sadm.training import check_fsdp, full_state_dict, list_checkpoints, register_model_hooks
 
 FSDP_1GPU = REPO / "configs" / "accelerate" / "fsdp_1gpu.yaml"
 

@@ -13,9 +13,8 @@ from PIL import Image
 
 import sadm.data
 import sadm.latents
-from sadm.data import DataConfig, collate_fn, load_train_dataset
+from sadm.data import DataConfig, collate_fn, load_train_dataset, make_dataloader
 from sadm.latents import ShardedMoments, build_latent_cache, collate_latents, load_latent_cache, shard_range
-from sadm.training import make_dataloader
 
 
 @pytest.fixture(scope="module")

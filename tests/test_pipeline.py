@@ -8,8 +8,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, HeunDiscr
 from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 
 import sadm
+from sadm.export import copy_pipeline_file
 from sadm.models.dit import build_dit
-from sadm.training import copy_pipeline_file
 
 
 def make_pipeline(num_classes=10, learn_sigma=False, channels=1):

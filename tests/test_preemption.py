@@ -18,8 +18,7 @@ from accelerate.state import AcceleratorState
 from helpers import REPO, write_class_folder
 from safetensors.torch import load_file
 
-from sadm.preemption import PreemptionHandler
-from sadm.training import (
+from sadm.checkpointing import (
     MANIFEST_NAME,
     TRAIN_STATE_NAME,
     checkpoint_problem,
@@ -28,6 +27,7 @@ from sadm.training import (
     save_checkpoint,
     write_manifest,
 )
+from sadm.preemption import PreemptionHandler
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_a_truncated_or_incomplete_latest_checkpoint_falls_back_to_the_previous_
     assert checkpoint_problem(legacy) is None and checkpoint_problem(good) is None
     assert list_checkpoints(tmp_path) == [legacy, good]
 
-    with caplog.at_level(logging.WARNING, logger="sadm.training"):
+    with caplog.at_level(logging.WARNING, logger="sadm.checkpointing"):
         assert resolve_resume_path(str(tmp_path), "latest") == good
     assert "checkpoint-4/optimizer.bin is missing" in caplog.text
     assert "weights.safetensors has 60 bytes, the manifest says 100" in caplog.text
@@ -237,7 +237,7 @@ def test_dataloader_workers_survive_the_clusters_sigterm():
     import os
     import signal
 
-    from sadm.training import make_dataloader
+    from sadm.data import make_dataloader
 
     class Squares(torch.utils.data.Dataset):
         def __len__(self):

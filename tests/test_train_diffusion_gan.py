@@ -13,10 +13,10 @@ from sadm.pipelines.pipeline_diffusion_gan import DiffusionGANPipeline
 from safetensors.torch import load_file
 
 import sadm
+from sadm.checkpointing import list_checkpoints
 from sadm.diffusion_gan import DiffusionGANConfig, build_adaptive_diffusion
 from sadm.models.generator import GANGenerator
 from sadm.models.timestep_discriminator import TimestepDiscriminator
-from sadm.training import list_checkpoints
 
 TINY = ["--resolution", "8", "--train_batch_size", "2", "--latent_dim", "8", "--generator_base_channels", "8",
         "--disc_base_channels", "8", "--disc_num_layers", "2", "--validation_steps", "0", "--report_to", "none"]  # fmt: skip

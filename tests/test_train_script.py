@@ -10,7 +10,7 @@ from helpers import run_script, write_class_folder
 from sadm.pipelines.pipeline_sadm_dit import SADMDiTPipeline
 from safetensors.torch import load_file
 
-from sadm.training import list_checkpoints
+from sadm.checkpointing import list_checkpoints
 
 TINY = [
     "--model",

@@ -60,7 +60,7 @@ def test_the_scalar_logger_logs_plain_floats_with_the_throughput(monkeypatch):
 def test_model_card_metadata_is_hub_yaml_with_base_model_only_for_hub_ids(tmp_path):
     from huggingface_hub import ModelCard
 
-    from sadm.training import write_model_card
+    from sadm.export import write_model_card
 
     write_model_card(str(tmp_path), "A title", ["- Data: digits."], base_model="facebook/DiT-XL-2-256")
     card = ModelCard.load(tmp_path / "README.md")

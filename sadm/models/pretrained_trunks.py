@@ -45,6 +45,19 @@ def stem_conv(backbone: nn.Module) -> tuple[str, nn.Conv2d] | None:
     return None
 
 
+def reinit_stem_name(backbone: nn.Module, pretrained: bool, input_adapter: str) -> str | None:
+    """The module name of the stem of a pretrained `backbone` built with `input_adapter='reinit'` (an untrained stem,
+    which trains even when the rest of the trunk is frozen), else None."""
+    return stem_conv(backbone)[0] if pretrained and input_adapter == "reinit" else None
+
+
+def freeze_trunk(backbone: nn.Module, trainable_stem: str | None, requires_grad: bool = True) -> None:
+    """Freeze `backbone` except its stem `trainable_stem` (see `reinit_stem_name`), which follows `requires_grad`."""
+    backbone.requires_grad_(False)
+    if trainable_stem is not None:
+        backbone.get_submodule(trainable_stem).requires_grad_(requires_grad)
+
+
 def read_state_dict(path: str, source: str) -> dict[str, torch.Tensor]:
     """A state dict from a local `.safetensors` file or torch file (`weights_only=True`); `source` names the flag."""
     if not os.path.isfile(path):

@@ -25,10 +25,12 @@ from .pretrained_trunks import (
     check_input_adapter,
     check_trunk_input,
     create_timm_backbone,
+    freeze_trunk,
     load_transformers_backbone,
-    stem_conv,
+    reinit_stem_name,
 )
 
+BACKBONES = ("conv", "vit", "timm", "transformers")  # the `dit` backbone is `DiTStructureEncoder` (dit_trunk.py)
 HEADS = ("linear", "orthonormal")
 TIME_PROJ_DIM = 128  # width of the sinusoidal level embedding of a noise-conditional encoder
 
@@ -257,7 +259,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
                     "nor `hidden_sizes`; cannot size the head."
                 )
         else:
-            raise ValueError(f"`backbone` must be one of 'conv', 'vit', 'timm', 'transformers', got {backbone!r}.")
+            raise ValueError(f"`backbone` must be one of {', '.join(map(repr, BACKBONES))}, got {backbone!r}.")
 
         self.time_embedding = None
         if num_timesteps is not None:
@@ -282,7 +284,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         self.class_embedding = nn.Embedding(num_classes, embed_dim) if num_classes is not None else None
         # input_adapter='reinit' on a pretrained trunk: its fresh stem trains even when the rest is frozen
         pretrained = timm_pretrained_path is not None or transformers_path is not None
-        self._trainable_stem = stem_conv(self.encoder)[0] if pretrained and input_adapter == "reinit" else None
+        self._trainable_stem = reinit_stem_name(self.encoder, pretrained, input_adapter)
         if freeze_backbone:
             self.requires_grad_(True)
             self.encoder.eval()
@@ -298,9 +300,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         # `freeze_backbone` survives the `requires_grad_(False)` / `requires_grad_(True)` toggling of adversarial steps
         super().requires_grad_(requires_grad)
         if self.config.freeze_backbone:
-            self.encoder.requires_grad_(False)
-            if self._trainable_stem is not None:  # the stem's module name
-                self.encoder.get_submodule(self._trainable_stem).requires_grad_(requires_grad)
+            freeze_trunk(self.encoder, self._trainable_stem, requires_grad)
         return self
 
     def _features(self, sample: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,13 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..diffusion_augment import AdaptiveDiffusion
-from .pretrained_trunks import check_input_adapter, check_trunk_input, create_timm_backbone, stem_conv
+from .pretrained_trunks import (
+    check_input_adapter,
+    check_trunk_input,
+    create_timm_backbone,
+    freeze_trunk,
+    reinit_stem_name,
+)
 
 TRUNKS = ("conv", "resnet", "vit", "projected")
 # the resnet trunk ends on a 4x4 map (StyleGAN2's epilogue resolution)
@@ -224,12 +230,10 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
             size = timm_input_size or sample_size
             name = f"timm '{timm_model_name}'" + (f" ({timm_pretrained_path})" if timm_pretrained_path else "")
             check_trunk_input(self.backbone, self.backbone, in_channels, size, name)
-            self.backbone.requires_grad_(False).eval()
             # input_adapter='reinit' on pretrained weights: the fresh stem trains with the heads
-            self._trainable_stem = None
-            if timm_pretrained_path is not None and input_adapter == "reinit":
-                self._trainable_stem = stem_conv(self.backbone)[0]
-                self.backbone.get_submodule(self._trainable_stem).requires_grad_(True)
+            self._trainable_stem = reinit_stem_name(self.backbone, timm_pretrained_path is not None, input_adapter)
+            freeze_trunk(self.backbone, self._trainable_stem)
+            self.backbone.eval()
             # light trainable heads per scale: 1x1 channel mixing, 3x3 conv, global average pool
             self.heads = nn.ModuleList(
                 [
@@ -263,9 +267,7 @@ class TimestepDiscriminator(ModelMixin, ConfigMixin):
         `requires_grad` with `input_adapter='reinit'`)."""
         super().requires_grad_(requires_grad)
         if self.config.trunk == "projected":
-            self.backbone.requires_grad_(False)
-            if self._trainable_stem is not None:  # the stem's module name
-                self.backbone.get_submodule(self._trainable_stem).requires_grad_(requires_grad)
+            freeze_trunk(self.backbone, self._trainable_stem, requires_grad)
         return self
 
     def train(self, mode: bool = True) -> TimestepDiscriminator:
