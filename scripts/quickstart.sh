@@ -6,8 +6,8 @@
 # Each stage shows a progress bar with its ETA; the elapsed time is printed per stage and at the end.
 # Re-running continues/re-exports the same run (--resume_from_checkpoint latest). OUT=... picks another folder,
 # THREADS=... the CPU threads (default all cores; on a busy machine THREADS=1 is faster), SKIP_SETUP=1 skips
-# scripts/setup.sh (an existing .venv), RESOLUTION=8 trains on the native 8x8 digits (16 instead of 64 tokens, but digits-FID
-# 18.5 instead of 10.5 at the same 2000 steps: docs/DIGITS.md).
+# scripts/setup.sh (an existing .venv), RESOLUTION=8 STEPS=4000 trains on the native 8x8 digits (16 instead of 64 tokens;
+# digits-FID 5.3 vs 12.5 for this default, 3 seeds: docs/DIGITS.md; at 2000 steps 8x8 is undertrained, 18.6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
