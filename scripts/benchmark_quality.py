@@ -298,7 +298,7 @@ def run_one(args, arm: str, seed: int, threads: int) -> dict[str, dict[str, floa
     if not (out / "model_index.json").exists():
         start = time.time()
         # continue an interrupted run from its checkpoints; train anything else from the start
-        resume = any(out.glob("checkpoint-*")) if out.is_dir() else False
+        resume = any(out.glob("checkpoint-*"))
         restart = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]
         run(train_command(args, arm, seed, out) + restart, log, threads)
         with open(out / "train_wall_s.txt", "a") as f:  # one line per invocation that trained
